@@ -1,0 +1,18 @@
+//! The shared coroutine runtime of corokit.
+//!
+//! Every binary, example and test starts with [`init`]; after that, code written in plain
+//! blocking style yields to other coroutines on every wait, provided it only waits through
+//! what this crate and `may` offer. Calls that would block a worker thread (DNS lookups,
+//! stdin reads, other blocking syscalls) live in [`blocking`] and [`stdin`], and nowhere else.
+
+pub mod blocking;
+mod error;
+pub mod http;
+pub mod runtime;
+pub mod shutdown;
+pub mod stdin;
+
+pub use blocking::{offload, Dns, Lookup};
+pub use error::Error;
+pub use runtime::{init, join_all, sleep, spawn, Pool, RuntimeConfig};
+pub use shutdown::Shutdown;

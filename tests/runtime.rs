@@ -202,7 +202,7 @@ fn a_slow_lookup_does_not_stop_other_coroutines() {
 #[test]
 fn stdin_lines_from_a_pipe_a_file_and_dev_null() {
     one_worker();
-    let collect = |rx: stdin::Lines| rx.iter().map(|l| l.unwrap()).collect::<Vec<_>>();
+    let collect = |rx: stdin::Lines| rx.map(|l| l.unwrap()).collect::<Vec<_>>();
 
     let (reader, mut writer) = std::io::pipe().unwrap();
     let rx = stdin::read_lines(reader);

@@ -1,1 +1,187 @@
-fn main() {}
+//! The `fetch` command: parses arguments and hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+use corokit_common::Shutdown;
+use corokit_fetch::{run, Options};
+
+/// Download every URL in a list, concurrently, resumably.
+///
+/// The list has one URL per line (`-` reads it from standard input). Blank lines and lines
+/// starting with `#` are ignored. Like aria2 input files, tab-separated URLs on one line are
+/// mirrors of the same file, and indented lines under a URL set `out=NAME`, `dir=SUBDIR` or
+/// `checksum=sha-256=HEX` for it.
+///
+/// Exit status: 0 when every file was downloaded or already complete; 1 when any download
+/// failed; 2 for usage errors, an unreadable list, or bad lines in it (the good lines still
+/// run); 130 when stopped by Ctrl-C or SIGTERM (partial files are kept for the next run).
+#[derive(Parser, Debug)]
+#[command(
+    name = "fetch",
+    version,
+    verbatim_doc_comment,
+    args_override_self = true
+)]
+struct Args {
+    /// The list of URLs, or - for standard input.
+    list: String,
+    /// Directory to save into (created if missing).
+    #[arg(short, long, default_value = ".")]
+    output: PathBuf,
+    /// Downloads at once.
+    #[arg(short, long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    jobs: u32,
+    /// Downloads at once from one host (0: no limit).
+    #[arg(long, default_value_t = 8)]
+    per_host: u32,
+    /// Tries after the first on connect errors, timeouts, 5xx, 408 and 429.
+    #[arg(long, default_value_t = 5)]
+    retries: u32,
+    /// Seconds before the first retry; doubled after each (with jitter, and at least what
+    /// the server's Retry-After asks).
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    retry_wait: f64,
+    /// Seconds allowed for connecting (including the name lookup).
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    connect_timeout: f64,
+    /// Seconds a connection may stay silent while reading.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    read_timeout: f64,
+    /// Seconds one file may take across all its tries (no limit by default).
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
+    /// Redirects followed per request.
+    #[arg(long, default_value_t = 10)]
+    max_redirects: u32,
+    /// Trust the certificates in this PEM file too (a private CA).
+    #[arg(long, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+    /// Extra request header, "Name: value" (repeatable).
+    #[arg(short = 'H', long = "header", value_name = "HEADER")]
+    headers: Vec<String>,
+    /// The User-Agent header.
+    #[arg(long)]
+    user_agent: Option<String>,
+    /// Total download rate limit in bytes per second; K, M and G suffixes (powers of 1024).
+    #[arg(long, value_name = "RATE")]
+    limit_rate: Option<String>,
+    /// Save under the file name the server suggests in Content-Disposition (made safe).
+    #[arg(long)]
+    content_disposition: bool,
+    /// Print only failures.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Write one JSON object per URL to this file.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+}
+
+fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .with_context(|| format!("--{name} {value} is not a number of seconds"))
+}
+
+fn rate(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let (digits, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c.to_ascii_uppercase()),
+        _ => (t, 'B'),
+    };
+    let factor: u64 = match unit {
+        'B' => 1,
+        'K' => 1024,
+        'M' => 1024 * 1024,
+        'G' => 1024 * 1024 * 1024,
+        _ => bail!("--limit-rate {text:?}: use a number with an optional K, M or G"),
+    };
+    let n: f64 = digits.parse().with_context(|| {
+        format!("--limit-rate {text:?}: use a number with an optional K, M or G")
+    })?;
+    if n.is_nan() || n <= 0.0 {
+        bail!("--limit-rate {text:?} must be more than zero");
+    }
+    Ok((n * factor as f64) as u64)
+}
+
+fn options(args: &Args) -> anyhow::Result<Options> {
+    let mut o = Options {
+        output: args.output.clone(),
+        jobs: args.jobs as usize,
+        per_host: args.per_host as usize,
+        retries: args.retries,
+        retry_wait: seconds("retry-wait", args.retry_wait)?,
+        file_timeout: args.timeout.map(|t| seconds("timeout", t)).transpose()?,
+        limit_rate: args.limit_rate.as_deref().map(rate).transpose()?,
+        content_disposition: args.content_disposition,
+        quiet: args.quiet,
+        report: args.report.clone(),
+        ..Options::default()
+    };
+    for h in &args.headers {
+        let Some((name, value)) = h.split_once(':') else {
+            bail!("--header {h:?} is not \"Name: value\"");
+        };
+        let (name, value) = (name.trim(), value.trim());
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            bail!("--header {h:?} has no valid header name");
+        }
+        o.headers.push((name.to_string(), value.to_string()));
+    }
+    o.http.connect_timeout = seconds("connect-timeout", args.connect_timeout)?;
+    o.http.read_timeout = Some(seconds("read-timeout", args.read_timeout)?);
+    o.http.max_redirects = args.max_redirects;
+    // Keep-alive connections for every job, so a host's connections are reused.
+    o.http.max_idle = o.jobs.max(16);
+    o.http.max_idle_per_host = o.jobs.max(16);
+    if let Some(ua) = &args.user_agent {
+        o.http.user_agent = ua.clone();
+    }
+    if let Some(ca) = &args.ca_cert {
+        o.http.add_roots_from_pem_file(ca)?;
+    }
+    Ok(o)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    corokit_common::init();
+    let options = match options(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("fetch: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let list = if args.list == "-" {
+        corokit_common::stdin::lines()
+    } else {
+        match std::fs::File::open(&args.list) {
+            Ok(f) => corokit_common::stdin::read_lines(f),
+            Err(e) => {
+                eprintln!("fetch: cannot read the list {}: {e}", args.list);
+                return ExitCode::from(2);
+            }
+        }
+    };
+    let shutdown = match Shutdown::on_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("fetch: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(options, list, shutdown.clone()) {
+        Err(e) => {
+            eprintln!("fetch: {e}");
+            ExitCode::from(2)
+        }
+        Ok(_) if shutdown.is_requested() => ExitCode::from(130),
+        Ok(s) if s.failed > 0 => ExitCode::from(1),
+        Ok(s) if s.bad_lines > 0 => ExitCode::from(2),
+        Ok(_) => ExitCode::SUCCESS,
+    }
+}

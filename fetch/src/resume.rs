@@ -1,0 +1,179 @@
+//! Resume state: what a re-run needs to know about each download, kept next to it.
+//!
+//! For `NAME` in a directory there are up to three files: `NAME` (only ever a complete,
+//! verified download), `NAME.part` (bytes received so far, exactly as the server sent them),
+//! and `.NAME.fetch` (this state, as JSON: URL, validators, expected length, completeness).
+//! The state is written before the first byte goes to `.part`, so a partial file always has
+//! the validators needed to continue it safely with `If-Range`.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The recorded state of one download.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_modified: Option<String>,
+    /// The full length of the file, when the server said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub length: Option<u64>,
+    pub complete: bool,
+}
+
+impl State {
+    /// The validator to send in `If-Range`: a strong ETag, else Last-Modified. A weak ETag
+    /// cannot be used for ranges (RFC 9110 §13.1.5).
+    pub fn validator(&self) -> Option<&str> {
+        match (&self.etag, &self.last_modified) {
+            (Some(e), _) if !e.starts_with("W/") => Some(e),
+            (_, Some(lm)) => Some(lm),
+            _ => None,
+        }
+    }
+}
+
+/// The three paths of one download.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Paths {
+    pub done: PathBuf,
+    pub part: PathBuf,
+    pub state: PathBuf,
+}
+
+impl Paths {
+    pub fn new(dir: &Path, name: &str) -> Self {
+        Paths {
+            done: dir.join(name),
+            part: dir.join(format!("{name}.part")),
+            state: dir.join(format!(".{name}.fetch")),
+        }
+    }
+
+    pub fn load(&self) -> Option<State> {
+        let text = fs::read(&self.state).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// Writes the state atomically (temp file, then rename), so a crash leaves the old or the
+    /// new state, never half of one.
+    pub fn save(&self, state: &State) -> io::Result<()> {
+        let mut tmp = self.state.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        fs::write(&tmp, serde_json::to_vec(state).map_err(io::Error::other)?)?;
+        fs::rename(&tmp, &self.state)
+    }
+}
+
+/// What to do for a download, from what is on disk.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    /// Complete from an earlier run.
+    Skip,
+    /// Continue `.part` from `offset`, if the server's copy still matches `validator`.
+    Resume { offset: u64, validator: String },
+    /// Start from nothing (no record, a missing file, or a partial that cannot be
+    /// continued safely); `why` says which when it is worth telling.
+    Fresh { why: Option<&'static str> },
+}
+
+/// Decides from the record (already known to be this URL's) and the files present.
+pub fn plan(paths: &Paths, state: Option<&State>) -> Plan {
+    let Some(state) = state else {
+        return Plan::Fresh { why: None };
+    };
+    let size = |p: &Path| fs::metadata(p).ok().map(|m| m.len());
+    if state.complete {
+        return match size(&paths.done) {
+            Some(len) if state.length.is_none_or(|want| want == len) => Plan::Skip,
+            Some(_) => Plan::Fresh {
+                why: Some("the finished file changed size since it was downloaded"),
+            },
+            None => Plan::Fresh {
+                why: Some("the finished file is gone"),
+            },
+        };
+    }
+    match (size(&paths.part), state.validator()) {
+        (None, _) => Plan::Fresh {
+            why: Some("the partial file is gone"),
+        },
+        (Some(_), None) => Plan::Fresh {
+            why: Some("the server gave no validator to resume against"),
+        },
+        (Some(offset), Some(v)) => Plan::Resume {
+            offset,
+            validator: v.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(complete: bool) -> State {
+        State {
+            url: "http://h/f".into(),
+            etag: Some("\"v1\"".into()),
+            last_modified: None,
+            length: Some(5),
+            complete,
+        }
+    }
+
+    #[test]
+    fn the_four_states() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(dir.path(), "f");
+        assert_eq!(plan(&paths, None), Plan::Fresh { why: None });
+
+        fs::write(&paths.part, b"abc").unwrap();
+        let resume = plan(&paths, Some(&state(false)));
+        assert_eq!(
+            resume,
+            Plan::Resume {
+                offset: 3,
+                validator: "\"v1\"".into()
+            }
+        );
+
+        fs::remove_file(&paths.part).unwrap();
+        assert!(matches!(
+            plan(&paths, Some(&state(false))),
+            Plan::Fresh { why: Some(_) }
+        ));
+
+        fs::write(&paths.done, b"abcde").unwrap();
+        assert_eq!(plan(&paths, Some(&state(true))), Plan::Skip);
+        fs::remove_file(&paths.done).unwrap();
+        assert!(matches!(
+            plan(&paths, Some(&state(true))),
+            Plan::Fresh { why: Some(_) }
+        ));
+    }
+
+    #[test]
+    fn weak_etags_fall_back_to_last_modified() {
+        let mut s = state(false);
+        s.etag = Some("W/\"x\"".into());
+        assert_eq!(s.validator(), None);
+        s.last_modified = Some("Sun, 22 Nov 2026 01:00:00 GMT".into());
+        assert_eq!(s.validator(), Some("Sun, 22 Nov 2026 01:00:00 GMT"));
+    }
+
+    #[test]
+    fn state_round_trips_through_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(dir.path(), "f.bin");
+        paths.save(&state(true)).unwrap();
+        assert_eq!(paths.load(), Some(state(true)));
+        assert!(paths.state.ends_with(".f.bin.fetch"));
+    }
+}

@@ -1,0 +1,652 @@
+//! `fetch` end to end: the real binary in a temp dir against local test servers.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use corokit_testkit::{Fault, Request, Response, Server, TestCert};
+
+const LM: &str = "Sun, 22 Nov 2026 01:00:00 GMT";
+
+fn fetch_bin() -> Command {
+    corokit_common::init();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fetch"));
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+struct Run {
+    code: i32,
+    stderr: String,
+}
+
+fn run_fetch(dir: &Path, list: &str, extra: &[&str]) -> Run {
+    let list_path = dir.join("urls.txt");
+    std::fs::write(&list_path, list).unwrap();
+    let out: Output = fetch_bin()
+        .arg(&list_path)
+        .arg("-o")
+        .arg(dir.join("out"))
+        .args([
+            "--retry-wait",
+            "0.05",
+            "--connect-timeout",
+            "2",
+            "--read-timeout",
+            "5",
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Deterministic content for file `i`, 1–16 KB.
+fn content(i: usize) -> Vec<u8> {
+    let len = 1024 + (i * 7919) % (15 * 1024);
+    (0..len).map(|j| ((i * 31 + j * 7) % 251) as u8).collect()
+}
+
+fn files_server() -> Server {
+    Server::start(|req| {
+        let i: usize = req
+            .path
+            .trim_start_matches("/f/")
+            .trim_end_matches(".bin")
+            .parse()
+            .unwrap_or(0);
+        Response::file(req, &content(i), &format!("\"v{i}\""), LM).delay(Duration::from_millis(20))
+    })
+}
+
+fn out(dir: &Path, name: &str) -> PathBuf {
+    dir.join("out").join(name)
+}
+
+fn report_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn many_files_at_once_arrive_byte_for_byte() {
+    let server = files_server();
+    let dir = tempfile::tempdir().unwrap();
+    let list: String = (0..300)
+        .map(|i| server.url(&format!("/f/{i}.bin\n")))
+        .collect();
+    let report = dir.path().join("report.jsonl");
+    let run = run_fetch(
+        dir.path(),
+        &list,
+        &[
+            "-j",
+            "64",
+            "--per-host",
+            "0",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    for i in 0..300 {
+        let got = std::fs::read(out(dir.path(), &format!("{i}.bin"))).unwrap();
+        assert!(got == content(i), "file {i} differs");
+        assert!(!out(dir.path(), &format!("{i}.bin.part")).exists());
+    }
+    assert!(
+        server.stats.max_in_flight() > 8,
+        "downloads did not overlap"
+    );
+    let lines = report_lines(&report);
+    assert_eq!(lines.len(), 300);
+    assert!(lines
+        .iter()
+        .all(|l| l["outcome"] == "ok" && l["http_status"] == 200 && l["attempts"] == 1));
+    assert!(run.stderr.contains("300 ok"), "{}", run.stderr);
+
+    // A second run finds everything complete and downloads nothing.
+    let before = server.stats.requests();
+    let again = run_fetch(dir.path(), &list, &["-j", "64"]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert!(
+        again.stderr.contains("300 already complete"),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(server.stats.requests(), before);
+}
+
+/// A server whose one file can be changed, cut short, or checked for what the client sent.
+struct Changing {
+    body: Mutex<(Vec<u8>, String)>,
+    cut_at: Mutex<Option<usize>>,
+}
+
+fn changing_server(body: &[u8], etag: &str) -> (Server, Arc<Changing>) {
+    let state = Arc::new(Changing {
+        body: Mutex::new((body.to_vec(), etag.to_string())),
+        cut_at: Mutex::new(None),
+    });
+    let s = state.clone();
+    let server = Server::start(move |req: &Request| {
+        let (body, etag) = s.body.lock().unwrap().clone();
+        let rsp = Response::file(req, &body, &etag, LM);
+        match s.cut_at.lock().unwrap().take() {
+            Some(n) => rsp.fault(Fault::DropAfter(n)),
+            None => rsp,
+        }
+    });
+    (server, state)
+}
+
+#[test]
+fn a_cut_download_resumes_with_if_range() {
+    let body: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    let (server, state) = changing_server(&body, "\"one\"");
+    let dir = tempfile::tempdir().unwrap();
+    let list = server.url("/data.bin\n");
+    *state.cut_at.lock().unwrap() = Some(70_000);
+    // No retries: the first run stops with a partial file.
+    let first = run_fetch(dir.path(), &list, &["--retries", "0"]);
+    assert_eq!(first.code, 1, "{}", first.stderr);
+    assert!(first.stderr.contains("data.bin"), "{}", first.stderr);
+    assert!(
+        !out(dir.path(), "data.bin").exists(),
+        "a truncated file got the final name"
+    );
+    let part = std::fs::metadata(out(dir.path(), "data.bin.part"))
+        .unwrap()
+        .len();
+    assert!(part > 0 && part < 200_000, "{part}");
+
+    let second = run_fetch(dir.path(), &list, &[]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert_eq!(std::fs::read(out(dir.path(), "data.bin")).unwrap(), body);
+    let last = server.stats.log().pop().unwrap();
+    assert_eq!(
+        last.header("Range"),
+        Some(format!("bytes={part}-").as_str())
+    );
+    assert_eq!(last.header("If-Range"), Some("\"one\""));
+    assert_eq!(last.header("Accept-Encoding"), Some("identity"));
+}
+
+#[test]
+fn a_file_changed_on_the_server_is_downloaded_again_not_spliced() {
+    let old: Vec<u8> = vec![b'o'; 100_000];
+    let new: Vec<u8> = vec![b'n'; 120_000];
+    let (server, state) = changing_server(&old, "\"old\"");
+    let dir = tempfile::tempdir().unwrap();
+    let list = server.url("/doc.txt\n");
+    *state.cut_at.lock().unwrap() = Some(40_000);
+    assert_eq!(run_fetch(dir.path(), &list, &["--retries", "0"]).code, 1);
+    assert!(out(dir.path(), "doc.txt.part").exists());
+
+    *state.body.lock().unwrap() = (new.clone(), "\"new\"".into());
+    let second = run_fetch(dir.path(), &list, &[]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    let got = std::fs::read(out(dir.path(), "doc.txt")).unwrap();
+    assert!(
+        got == new,
+        "the result mixes two versions ({} bytes)",
+        got.len()
+    );
+    assert!(second.stderr.contains("changed"), "{}", second.stderr);
+}
+
+#[test]
+fn a_partial_file_that_was_already_whole_is_finished_on_416() {
+    let body = vec![7u8; 5000];
+    let (server, _) = changing_server(&body, "\"x\"");
+    let dir = tempfile::tempdir().unwrap();
+    let list = server.url("/whole.bin\n");
+    assert_eq!(run_fetch(dir.path(), &list, &[]).code, 0);
+    // Make it look as if the last run stopped after the last byte, before the rename.
+    let done = out(dir.path(), "whole.bin");
+    std::fs::rename(&done, out(dir.path(), "whole.bin.part")).unwrap();
+    let state_path = out(dir.path(), ".whole.bin.fetch");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    state["complete"] = false.into();
+    std::fs::write(&state_path, state.to_string()).unwrap();
+
+    let run = run_fetch(dir.path(), &list, &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(std::fs::read(&done).unwrap(), body);
+    assert_eq!(
+        server.stats.log().pop().unwrap().header("Range"),
+        Some("bytes=5000-")
+    );
+}
+
+#[test]
+fn missing_files_are_downloaded_again() {
+    let server = files_server();
+    let dir = tempfile::tempdir().unwrap();
+    let list = format!("{}{}", server.url("/f/1.bin\n"), server.url("/f/2.bin\n"));
+    assert_eq!(run_fetch(dir.path(), &list, &[]).code, 0);
+    // Record says complete, file gone; and a partial whose .part is gone.
+    std::fs::remove_file(out(dir.path(), "1.bin")).unwrap();
+    let run = run_fetch(dir.path(), &list, &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(std::fs::read(out(dir.path(), "1.bin")).unwrap(), content(1));
+    assert!(
+        run.stderr.contains("1 ok, 1 already complete"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn kill_9_mid_run_then_a_rerun_completes_every_file() {
+    let server = Server::start(|req| {
+        let i: usize = req.path.trim_start_matches("/slow/").parse().unwrap_or(0);
+        let body: Vec<u8> = (0..300_000usize).map(|j| ((i + j) % 249) as u8).collect();
+        // Slow bodies: the kill lands while many files are half written.
+        Response::file(req, &body, &format!("\"s{i}\""), LM)
+            .delay(Duration::from_millis(20 * (i as u64 % 5)))
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let list: String = (0..40)
+        .map(|i| server.url(&format!("/slow/{i}\n")))
+        .collect();
+    std::fs::write(dir.path().join("urls.txt"), &list).unwrap();
+    let mut child = fetch_bin()
+        .arg(dir.path().join("urls.txt"))
+        .args(["-o"])
+        .arg(dir.path().join("out"))
+        .args(["-j", "8", "--limit-rate", "4M"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let parts = std::fs::read_dir(dir.path().join("out"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+                    .count()
+            })
+            .unwrap_or(0);
+        if parts >= 4 {
+            break;
+        }
+        corokit_common::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let run = run_fetch(dir.path(), &list, &["-j", "16"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    for i in 0..40usize {
+        let want: Vec<u8> = (0..300_000usize).map(|j| ((i + j) % 249) as u8).collect();
+        assert!(
+            std::fs::read(out(dir.path(), &i.to_string())).unwrap() == want,
+            "file {i}"
+        );
+    }
+    let resumed = server
+        .stats
+        .log()
+        .iter()
+        .filter(|r| r.header("Range").is_some())
+        .count();
+    assert!(resumed > 0, "nothing was resumed after the kill");
+}
+
+#[test]
+fn retries_honour_retry_after_and_do_not_retry_404() {
+    let calls = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+    let c = calls.clone();
+    let server = Server::start(move |req| {
+        let n = {
+            let mut calls = c.lock().unwrap();
+            let n = calls.entry(req.path.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        match (req.path.as_str(), n) {
+            ("/busy", 1) => Response::new(429, "slow down").header("Retry-After", "1"),
+            ("/flaky", 1 | 2) => Response::new(503, "oops"),
+            ("/short", 1) => Response::ok(vec![1u8; 1000]).content_length(5000),
+            ("/short", _) => Response::file(req, &[1u8; 5000], "\"s\"", LM),
+            ("/gone", _) => Response::new(404, "no"),
+            _ => Response::file(req, b"fine", "\"f\"", LM),
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let list: String = ["/busy", "/flaky", "/short", "/gone"]
+        .iter()
+        .map(|p| server.url(p) + "\n")
+        .collect();
+    let report = dir.path().join("r.jsonl");
+    let started = Instant::now();
+    let run = run_fetch(dir.path(), &list, &["--report", report.to_str().unwrap()]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After was not honoured"
+    );
+    let by_url: HashMap<String, serde_json::Value> = report_lines(&report)
+        .into_iter()
+        .map(|l| {
+            (
+                l["url"]
+                    .as_str()
+                    .unwrap()
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .to_string(),
+                l,
+            )
+        })
+        .collect();
+    assert_eq!(by_url["busy"]["outcome"], "ok");
+    assert_eq!(by_url["busy"]["attempts"], 2);
+    assert_eq!(by_url["flaky"]["attempts"], 3);
+    assert_eq!(by_url["short"]["outcome"], "ok");
+    assert_eq!(
+        std::fs::read(out(dir.path(), "short")).unwrap(),
+        vec![1u8; 5000]
+    );
+    assert_eq!(by_url["gone"]["outcome"], "failed");
+    assert_eq!(by_url["gone"]["attempts"], 1);
+    assert_eq!(by_url["gone"]["http_status"], 404);
+    assert_eq!(calls.lock().unwrap()["/gone"], 1);
+    assert!(
+        run.stderr.contains("FAILED line 4")
+            && run.stderr.contains("/gone")
+            && run.stderr.contains("HTTP 404"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn the_per_host_limit_holds_at_the_server() {
+    let server =
+        Server::start(|req| Response::ok(req.path.clone()).delay(Duration::from_millis(50)));
+    let dir = tempfile::tempdir().unwrap();
+    let list: String = (0..40).map(|i| server.url(&format!("/p/{i}\n"))).collect();
+    let run = run_fetch(dir.path(), &list, &["-j", "32", "--per-host", "3"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(server.stats.max_in_flight(), 3);
+}
+
+#[test]
+fn same_names_are_numbered_and_hostile_names_stay_inside() {
+    let server = Server::start(|req| Response::ok(format!("body of {}", req.path)));
+    let dir = tempfile::tempdir().unwrap();
+    let list = [
+        "/a/f.bin",
+        "/b/f.bin",
+        "/%2e%2e%2f%2e%2e%2fescape.txt",
+        "/x/..%2F..%2Fevil",
+        "/%1b%5b2Jterm.txt",
+        "/named?version=2",
+    ]
+    .iter()
+    .map(|p| server.url(p) + "\n")
+    .collect::<String>()
+        + "  out=../../../tmp/out.txt\n";
+    let run = run_fetch(dir.path(), &list, &["-j", "1"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        std::fs::read_to_string(out(dir.path(), "f.bin")).unwrap(),
+        "body of /a/f.bin"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out(dir.path(), "f.1.bin")).unwrap(),
+        "body of /b/f.bin"
+    );
+    // Every file stayed in the output directory.
+    let names: Vec<String> = std::fs::read_dir(dir.path().join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(names.len(), 6, "{names:?}");
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.contains('/') && !n.contains('\x1b')),
+        "{names:?}"
+    );
+    assert!(
+        out(dir.path(), "_._.._.._tmp_out.txt").exists(),
+        "{names:?}"
+    );
+    assert!(run.stderr.contains("not safe"), "{}", run.stderr);
+    assert!(!run.stderr.contains('\x1b'), "{}", run.stderr);
+
+    // A re-run skips both f.bin files instead of numbering them again.
+    let again = run_fetch(dir.path(), &list, &["-j", "1"]);
+    assert!(
+        again.stderr.contains("6 already complete"),
+        "{}",
+        again.stderr
+    );
+    assert!(!out(dir.path(), "f.2.bin").exists());
+}
+
+#[test]
+fn bad_lines_are_reported_and_the_rest_still_runs() {
+    let server = files_server();
+    let dir = tempfile::tempdir().unwrap();
+    let list = format!(
+        "# my list\nftp://example.invalid/x\n{}\nnot a url at all\n{}\n  colour=blue\n",
+        server.url("/f/3.bin"),
+        server.url("/f/4.bin")
+    );
+    let run = run_fetch(dir.path(), &list, &[]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("line 2") && run.stderr.contains("only http and https"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("line 4"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("line 6") && run.stderr.contains("colour"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(std::fs::read(out(dir.path(), "3.bin")).unwrap(), content(3));
+    assert_eq!(std::fs::read(out(dir.path(), "4.bin")).unwrap(), content(4));
+}
+
+#[test]
+fn checksums_mirrors_and_options_from_the_list() {
+    let server = files_server();
+    let dead = {
+        let l = may::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let digest = |b: &[u8]| -> String {
+        ring::digest::digest(&ring::digest::SHA256, b)
+            .as_ref()
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect()
+    };
+    let list = format!(
+        "http://{dead}/f/5.bin\t{}\n  out=five.bin\n  dir=sub/dir\n  checksum=sha-256={}\n{}\n  checksum=sha-256={}\n",
+        server.url("/f/5.bin"),
+        digest(&content(5)),
+        server.url("/f/6.bin"),
+        "0".repeat(64),
+    );
+    let report = dir.path().join("r.jsonl");
+    let run = run_fetch(
+        dir.path(),
+        &list,
+        &["--retries", "1", "--report", report.to_str().unwrap()],
+    );
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(
+        std::fs::read(out(dir.path(), "sub/dir/five.bin")).unwrap(),
+        content(5)
+    );
+    assert!(
+        !out(dir.path(), "6.bin").exists(),
+        "a file failing its checksum got the final name"
+    );
+    assert!(run.stderr.contains("checksum mismatch"), "{}", run.stderr);
+    let lines = report_lines(&report);
+    let five = lines.iter().find(|l| l["line"] == 1).unwrap();
+    assert_eq!(five["sha256"], digest(&content(5)));
+}
+
+#[test]
+fn https_with_a_private_ca() {
+    let cert = TestCert::new();
+    let server = Server::start_tls(&cert, |req| Response::file(req, b"over tls", "\"t\"", LM));
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &cert.cert_pem).unwrap();
+    let list = server.url("/secret.txt\n");
+    let refused = run_fetch(dir.path(), &list, &["--retries", "0"]);
+    assert_eq!(refused.code, 1);
+    assert!(
+        refused.stderr.to_lowercase().contains("certificate"),
+        "{}",
+        refused.stderr
+    );
+    let run = run_fetch(dir.path(), &list, &["--ca-cert", ca.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        std::fs::read(out(dir.path(), "secret.txt")).unwrap(),
+        b"over tls"
+    );
+}
+
+#[test]
+fn redirects_headers_and_a_stalled_server() {
+    let server = Server::start(|req| match req.path.as_str() {
+        "/old" => Response::redirect(302, "/new"),
+        "/new" => Response::ok(format!("agent={}", req.header("X-Token").unwrap_or("none"))),
+        _ => Response::ok(vec![0u8; 10_000]).fault(Fault::StallAfter(100, Duration::from_secs(30))),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let list = format!("{}{}", server.url("/old\n"), server.url("/stall\n"));
+    let started = Instant::now();
+    let run = run_fetch(
+        dir.path(),
+        &list,
+        &[
+            "-H",
+            "X-Token: t1",
+            "--read-timeout",
+            "0.5",
+            "--retries",
+            "1",
+        ],
+    );
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(
+        std::fs::read_to_string(out(dir.path(), "old")).unwrap(),
+        "agent=t1"
+    );
+    assert!(
+        run.stderr.contains("/stall") && run.stderr.contains("timed out"),
+        "{}",
+        run.stderr
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = fetch_bin()
+        .arg(dir.path().join("nope.txt"))
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("nope.txt"));
+    let bad_rate = fetch_bin()
+        .args(["-", "--limit-rate", "fast"])
+        .output()
+        .unwrap();
+    assert_eq!(bad_rate.status.code(), Some(2));
+    let help = fetch_bin().arg("--help").output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Exit status"));
+}
+
+#[test]
+fn the_list_can_come_from_stdin() {
+    let server = files_server();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = fetch_bin()
+        .args(["-", "-o"])
+        .arg(dir.path())
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{}", server.url("/f/8.bin")).unwrap();
+    }
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(std::fs::read(dir.path().join("8.bin")).unwrap(), content(8));
+}
+
+#[test]
+fn ctrl_c_stops_cleanly_and_keeps_partial_files() {
+    let server = Server::start(|req| Response::file(req, &vec![3u8; 2_000_000], "\"big\"", LM));
+    let dir = tempfile::tempdir().unwrap();
+    let list: String = (0..4).map(|i| server.url(&format!("/big{i}\n"))).collect();
+    std::fs::write(dir.path().join("urls.txt"), &list).unwrap();
+    let child = fetch_bin()
+        .arg(dir.path().join("urls.txt"))
+        .arg("-o")
+        .arg(dir.path().join("out"))
+        .args(["--limit-rate", "1M"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && !out(dir.path(), "big0.part").exists() {
+        corokit_common::sleep(Duration::from_millis(20));
+    }
+    // SIGINT, as Ctrl-C sends.
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        out(dir.path(), "big0.part").exists(),
+        "the partial file was not kept"
+    );
+    assert!(!out(dir.path(), "big0").exists());
+    let run = run_fetch(dir.path(), &list, &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        std::fs::read(out(dir.path(), "big0")).unwrap(),
+        vec![3u8; 2_000_000]
+    );
+}

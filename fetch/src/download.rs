@@ -15,7 +15,7 @@ use ring::digest;
 use crate::input::{Entry, Shown};
 use crate::naming::{self, SafeName};
 use crate::report::{Outcome, Record, Reporter};
-use crate::resume::{self, Paths, Plan, State};
+use crate::resume::{self, Paths, Plan, Record as StateRecord, State};
 use crate::Options;
 
 /// Why one attempt failed.
@@ -156,10 +156,12 @@ impl Context {
                 }
                 continue;
             }
-            let state = paths.load();
-            let ours = match &state {
-                Some(s) => s.url == url,
-                None => !paths.done.exists() && !paths.part.exists(),
+            let (ours, state) = match paths.load() {
+                StateRecord::Valid(s) if s.url == url => (true, Some(s)),
+                StateRecord::Valid(_) => (false, None),
+                // fetch's own file, torn by a crash: whatever it was, it starts over.
+                StateRecord::Unreadable => (true, None),
+                StateRecord::None => (!paths.done.exists() && !paths.part.exists(), None),
             };
             if ours {
                 claims.insert(paths.done.clone(), url.to_string());
@@ -167,7 +169,7 @@ impl Context {
                     ctx: self,
                     name: candidate,
                     paths,
-                    state: state.filter(|s| s.url == url),
+                    state,
                 });
             }
         }
@@ -274,12 +276,12 @@ fn run(
             ));
         }
         dir.push(sub);
+        fs::create_dir_all(&dir).map_err(|source| Failure::Disk {
+            what: "creating",
+            path: dir.clone(),
+            source,
+        })?;
     }
-    fs::create_dir_all(&dir).map_err(|source| Failure::Disk {
-        what: "creating",
-        path: dir.clone(),
-        source,
-    })?;
     let named = match &entry.out {
         Some(out) => naming::sanitize(out),
         None => naming::from_url(url),
@@ -482,6 +484,9 @@ fn attempt<'a>(
                 }
             }
             let length = rsp.body().content_length();
+            if length.is_some_and(|l| l <= SMALL_BODY) {
+                return receive_small(ctx, entry, claim, rsp, record);
+            }
             let state = State {
                 url: entry.urls[0].clone(),
                 etag: header(&rsp, "ETag").map(str::to_string),
@@ -528,6 +533,58 @@ fn rename_claim<'a>(
         ));
     }
     *claim = renamed;
+    Ok(())
+}
+
+/// Bodies up to this size are received into memory and written in one go: one file created
+/// and one rename, instead of a state file written before and after the body. A run killed
+/// meanwhile has written nothing for them, and the next run simply starts them over.
+const SMALL_BODY: u64 = 16 * 1024;
+
+fn receive_small(
+    ctx: &Context,
+    entry: &Entry,
+    claim: &mut Claim<'_>,
+    rsp: ureq::http::Response<ureq::Body>,
+    record: &mut Record,
+) -> Result<(), Failure> {
+    let state = State {
+        url: entry.urls[0].clone(),
+        etag: header(&rsp, "ETag").map(str::to_string),
+        last_modified: header(&rsp, "Last-Modified").map(str::to_string),
+        length: rsp.body().content_length(),
+        complete: true,
+    };
+    let mut body = Vec::new();
+    rsp.into_body()
+        .into_reader()
+        .take(SMALL_BODY + 1)
+        .read_to_end(&mut body)
+        .map_err(Failure::from_io)?;
+    ctx.reporter.add_bytes(body.len() as u64);
+    if state.length != Some(body.len() as u64) {
+        return Err(Failure::Incomplete(format!(
+            "got {} of {} bytes before the connection ended",
+            body.len(),
+            state.length.unwrap_or(0)
+        )));
+    }
+    if let Some(want) = &entry.sha256 {
+        record.sha256 = Some(check_digest(
+            digest::digest(&digest::SHA256, &body).as_ref(),
+            want,
+        )?);
+    }
+    let paths = &claim.paths;
+    let disk = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Failure::Disk { what, path, source }
+    };
+    fs::write(&paths.part, &body).map_err(disk("writing", &paths.part))?;
+    fs::rename(&paths.part, &paths.done).map_err(disk("renaming", &paths.part))?;
+    paths.save(&state).map_err(disk("writing", &paths.state))?;
+    claim.state = Some(state);
+    record.bytes = body.len() as u64;
     Ok(())
 }
 
@@ -649,8 +706,12 @@ fn verify(path: &Path, want: &[u8; 32]) -> Result<String, Failure> {
         }
         ctx.update(&buf[..n]);
     }
-    let got = hex(ctx.finish().as_ref());
-    let want = hex(want);
+    check_digest(ctx.finish().as_ref(), want)
+}
+
+/// The digest in hex if it is the one wanted, else a checksum failure.
+fn check_digest(got: &[u8], want: &[u8; 32]) -> Result<String, Failure> {
+    let (got, want) = (hex(got), hex(want));
     if got == want {
         Ok(got)
     } else {

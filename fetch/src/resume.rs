@@ -4,7 +4,10 @@
 //! verified download), `NAME.part` (bytes received so far, exactly as the server sent them),
 //! and `.NAME.fetch` (this state, as JSON: URL, validators, expected length, completeness).
 //! The state is written before the first byte goes to `.part`, so a partial file always has
-//! the validators needed to continue it safely with `If-Range`.
+//! the validators needed to continue it safely with `If-Range`. It is written in place, not
+//! through a temp file and a rename (file creation dominates the cost of small downloads):
+//! a state torn by a crash reads as unreadable, and an unreadable state only makes that
+//! download start over.
 
 use std::fs;
 use std::io;
@@ -55,20 +58,29 @@ impl Paths {
         }
     }
 
-    pub fn load(&self) -> Option<State> {
-        let text = fs::read(&self.state).ok()?;
-        serde_json::from_slice(&text).ok()
+    pub fn load(&self) -> Record {
+        match fs::read(&self.state) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Record::None,
+            Err(_) => Record::Unreadable,
+            Ok(text) => serde_json::from_slice(&text).map_or(Record::Unreadable, Record::Valid),
+        }
     }
 
-    /// Writes the state atomically (temp file, then rename), so a crash leaves the old or the
-    /// new state, never half of one.
     pub fn save(&self, state: &State) -> io::Result<()> {
-        let mut tmp = self.state.clone().into_os_string();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        fs::write(&tmp, serde_json::to_vec(state).map_err(io::Error::other)?)?;
-        fs::rename(&tmp, &self.state)
+        fs::write(
+            &self.state,
+            serde_json::to_vec(state).map_err(io::Error::other)?,
+        )
     }
+}
+
+/// What the state file holds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    None,
+    /// Present but not valid JSON (torn by a crash, or edited): fetch's, but unusable.
+    Unreadable,
+    Valid(State),
 }
 
 /// What to do for a download, from what is on disk.
@@ -172,8 +184,11 @@ mod tests {
     fn state_round_trips_through_its_file() {
         let dir = tempfile::tempdir().unwrap();
         let paths = Paths::new(dir.path(), "f.bin");
+        assert_eq!(paths.load(), Record::None);
         paths.save(&state(true)).unwrap();
-        assert_eq!(paths.load(), Some(state(true)));
+        assert_eq!(paths.load(), Record::Valid(state(true)));
+        fs::write(&paths.state, b"{\"url\": \"http://h/f\", \"comp").unwrap();
+        assert_eq!(paths.load(), Record::Unreadable);
         assert!(paths.state.ends_with(".f.bin.fetch"));
     }
 }

@@ -650,3 +650,72 @@ fn ctrl_c_stops_cleanly_and_keeps_partial_files() {
         vec![3u8; 2_000_000]
     );
 }
+
+/// How far `pid` has read into its open file `path`, and its resident memory in KiB.
+fn read_position_and_rss(pid: u32, path: &Path) -> Option<(Option<u64>, u64)> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    // No position when the whole list was read and closed.
+    let mut pos = None;
+    for fd in fds.filter_map(Result::ok) {
+        if std::fs::read_link(fd.path()).ok().as_deref() == Some(path) {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .ok()?;
+            pos = info
+                .lines()
+                .find_map(|l| l.strip_prefix("pos:"))
+                .and_then(|p| p.trim().parse().ok());
+        }
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
+    Some((pos, rss))
+}
+
+#[test]
+fn a_million_line_list_is_read_lazily_in_flat_memory() {
+    let server = Server::start(|_| Response::ok("x").delay(Duration::from_millis(300)));
+    let dir = tempfile::tempdir().unwrap();
+    let measure = |lines: usize| -> (Option<u64>, u64, u64) {
+        let list = dir.path().join(format!("list-{lines}.txt"));
+        let mut text = String::with_capacity(lines * 40);
+        for i in 0..lines {
+            text.push_str(&server.url(&format!("/m/{i}\n")));
+        }
+        std::fs::write(&list, &text).unwrap();
+        let list = list.canonicalize().unwrap();
+        let mut child = fetch_bin()
+            .arg(&list)
+            .arg("-o")
+            .arg(dir.path().join(format!("out-{lines}")))
+            .args(["-j", "32", "--per-host", "0", "-q"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Let it settle into the steady state: 32 downloads in flight, queue full.
+        corokit_common::sleep(Duration::from_millis(1500));
+        let seen = read_position_and_rss(child.id(), &list);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let (pos, rss) = seen.expect("fetch was running");
+        (pos, rss, text.len() as u64)
+    };
+    let (_, small_rss, _) = measure(1_000);
+    let (big_pos, big_rss, big_len) = measure(1_000_000);
+    // Read-ahead is bounded (a buffer and a thousand lines), not the whole 30 MB list.
+    let big_pos = big_pos.expect("fetch still had the long list open");
+    assert!(
+        big_pos < 1_000_000,
+        "read {big_pos} of {big_len} bytes of the list ahead"
+    );
+    // The same memory, give or take allocator noise, for a list a thousand times longer.
+    assert!(
+        big_rss < small_rss + 16 * 1024,
+        "RSS {big_rss} KiB for 1,000,000 lines vs {small_rss} KiB for 1,000"
+    );
+}

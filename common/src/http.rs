@@ -57,7 +57,7 @@ impl Default for HttpOptions {
             read_timeout: Some(Duration::from_secs(30)),
             overall_timeout: None,
             input_buffer: 16 * 1024,
-            output_buffer: 8 * 1024,
+            output_buffer: 4 * 1024,
             extra_roots: Vec::new(),
             max_redirects: 10,
             max_idle: 1024,

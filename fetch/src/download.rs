@@ -451,7 +451,12 @@ fn attempt<'a>(
                     "the server sent a range that does not start at byte {offset}"
                 )));
             }
-            receive(ctx, entry, claim, rsp, Some(offset), record, started)
+            let part = &claim.paths.part;
+            let file = OpenOptions::new()
+                .append(true)
+                .open(part)
+                .map_err(disk("opening", part))?;
+            receive(ctx, entry, claim, file, rsp, record, started)
         }
         416 if resuming.is_some() => {
             let offset = resuming.unwrap_or(0);
@@ -494,13 +499,14 @@ fn attempt<'a>(
                 length,
                 complete: false,
             };
-            claim.paths.save(&state).map_err(|source| Failure::Disk {
-                what: "writing",
-                path: claim.paths.state.clone(),
-                source,
-            })?;
+            let part = &claim.paths.part;
+            let file = File::create(part).map_err(disk("creating", part))?;
+            claim
+                .paths
+                .save(&state)
+                .map_err(disk("recording the state of", part))?;
             claim.state = Some(state);
-            receive(ctx, entry, claim, rsp, None, record, started)
+            receive(ctx, entry, claim, file, rsp, record, started)
         }
         _ => Err(Failure::Status {
             status,
@@ -576,25 +582,29 @@ fn receive_small(
         )?);
     }
     let paths = &claim.paths;
-    let disk = |what, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Failure::Disk { what, path, source }
-    };
     fs::write(&paths.part, &body).map_err(disk("writing", &paths.part))?;
     fs::rename(&paths.part, &paths.done).map_err(disk("renaming", &paths.part))?;
-    paths.save(&state).map_err(disk("writing", &paths.state))?;
+    paths
+        .save(&state)
+        .map_err(disk("recording the state of", &paths.done))?;
     claim.state = Some(state);
     record.bytes = body.len() as u64;
     Ok(())
 }
 
-/// Streams the body to `.part` (appending after `offset` when resuming), then finishes.
+/// A disk failure on `path`, for `map_err`.
+fn disk(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Failure {
+    let path = path.to_path_buf();
+    move |source| Failure::Disk { what, path, source }
+}
+
+/// Streams the body into `.part` (opened to write at its end), then finishes.
 fn receive(
     ctx: &Context,
     entry: &Entry,
     claim: &mut Claim<'_>,
+    mut file: File,
     rsp: ureq::http::Response<ureq::Body>,
-    offset: Option<u64>,
     record: &mut Record,
     started: Instant,
 ) -> Result<(), Failure> {
@@ -604,11 +614,6 @@ fn receive(
         path: part.clone(),
         source,
     };
-    let mut file = match offset {
-        Some(_) => OpenOptions::new().append(true).open(part),
-        None => File::create(part),
-    }
-    .map_err(disk)?;
     let mut reader = rsp.into_body().into_reader();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -666,7 +671,6 @@ fn finish(entry: &Entry, claim: &mut Claim<'_>, record: &mut Record) -> Result<(
             Err(e) => {
                 // A file that does not match must not be continued next time.
                 let _ = fs::remove_file(&paths.part);
-                let _ = fs::remove_file(&paths.state);
                 claim.state = None;
                 return Err(e);
             }
@@ -679,11 +683,9 @@ fn finish(entry: &Entry, claim: &mut Claim<'_>, record: &mut Record) -> Result<(
     })?;
     state.complete = true;
     state.length = Some(size);
-    paths.save(&state).map_err(|source| Failure::Disk {
-        what: "writing",
-        path: paths.state.clone(),
-        source,
-    })?;
+    paths
+        .save(&state)
+        .map_err(disk("recording the state of", &paths.done))?;
     claim.state = Some(state);
     record.bytes = size;
     Ok(())

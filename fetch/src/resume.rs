@@ -1,13 +1,16 @@
-//! Resume state: what a re-run needs to know about each download, kept next to it.
+//! Resume state: what a re-run needs to know about each download, kept with it.
 //!
-//! For `NAME` in a directory there are up to three files: `NAME` (only ever a complete,
-//! verified download), `NAME.part` (bytes received so far, exactly as the server sent them),
-//! and `.NAME.fetch` (this state, as JSON: URL, validators, expected length, completeness).
-//! The state is written before the first byte goes to `.part`, so a partial file always has
-//! the validators needed to continue it safely with `If-Range`. It is written in place, not
-//! through a temp file and a rename (file creation dominates the cost of small downloads):
-//! a state torn by a crash reads as unreadable, and an unreadable state only makes that
-//! download start over.
+//! For `NAME` there are at most two files: `NAME` (only ever a complete, verified download)
+//! and `NAME.part` (bytes received so far, exactly as the server sent them). The state (URL,
+//! validators, expected length, completeness) is JSON in the extended attribute
+//! `user.corokit.fetch` of whichever of the two it describes, so it cannot be separated from
+//! its bytes, moves with the final rename, and costs no extra file (file creation dominates
+//! the cost of small downloads). On a filesystem without user xattrs it goes to a sidecar
+//! `.NAME.fetch` instead.
+//!
+//! The state is set before the first byte goes to `.part`, so a partial file always has the
+//! validators needed to continue it safely with `If-Range`. A state that cannot be parsed
+//! (torn by a crash, or edited) only makes that download start over.
 
 use std::fs;
 use std::io;
@@ -41,11 +44,15 @@ impl State {
     }
 }
 
-/// The three paths of one download.
+/// The extended attribute that holds the state.
+const XATTR: &str = "user.corokit.fetch";
+
+/// The paths of one download.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Paths {
     pub done: PathBuf,
     pub part: PathBuf,
+    /// The sidecar, used only where extended attributes are not supported.
     pub state: PathBuf,
 }
 
@@ -58,23 +65,49 @@ impl Paths {
         }
     }
 
+    /// The state of this download: the partial file's if there is one (a download in
+    /// progress, even over an older complete copy), else the complete file's.
     pub fn load(&self) -> Record {
+        for file in [&self.part, &self.done] {
+            // An error means no such file or no xattrs here: look further.
+            if let Ok(Some(json)) = xattr::get(file, XATTR) {
+                return parse(&json);
+            }
+        }
         match fs::read(&self.state) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Record::None,
             Err(_) => Record::Unreadable,
-            Ok(text) => serde_json::from_slice(&text).map_or(Record::Unreadable, Record::Valid),
+            Ok(json) => parse(&json),
         }
     }
 
+    /// Records `state` on the file it describes (`NAME` when complete, else `NAME.part`),
+    /// which must exist.
     pub fn save(&self, state: &State) -> io::Result<()> {
-        fs::write(
-            &self.state,
-            serde_json::to_vec(state).map_err(io::Error::other)?,
-        )
+        let json = serde_json::to_vec(state).map_err(io::Error::other)?;
+        let file = if state.complete {
+            &self.done
+        } else {
+            &self.part
+        };
+        match xattr::set(file, XATTR, &json) {
+            Ok(()) => Ok(()),
+            Err(e) if unsupported(&e) => fs::write(&self.state, json),
+            Err(e) => Err(e),
+        }
     }
 }
 
-/// What the state file holds.
+fn parse(json: &[u8]) -> Record {
+    serde_json::from_slice(json).map_or(Record::Unreadable, Record::Valid)
+}
+
+/// The filesystem (or the platform) has no user extended attributes.
+fn unsupported(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::Unsupported || e.raw_os_error() == Some(95) // EOPNOTSUPP
+}
+
+/// What the recorded state is.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
     None,
@@ -181,14 +214,32 @@ mod tests {
     }
 
     #[test]
-    fn state_round_trips_through_its_file() {
+    fn state_travels_with_the_file_it_describes() {
         let dir = tempfile::tempdir().unwrap();
         let paths = Paths::new(dir.path(), "f.bin");
         assert_eq!(paths.load(), Record::None);
+        fs::write(&paths.part, b"abc").unwrap();
+        paths.save(&state(false)).unwrap();
+        assert_eq!(paths.load(), Record::Valid(state(false)));
+        fs::rename(&paths.part, &paths.done).unwrap();
+        assert_eq!(
+            paths.load(),
+            Record::Valid(state(false)),
+            "the rename lost the state"
+        );
         paths.save(&state(true)).unwrap();
         assert_eq!(paths.load(), Record::Valid(state(true)));
-        fs::write(&paths.state, b"{\"url\": \"http://h/f\", \"comp").unwrap();
+        // A new partial download over the complete copy takes precedence.
+        fs::write(&paths.part, b"").unwrap();
+        let mut newer = state(false);
+        newer.etag = Some("\"v2\"".into());
+        paths.save(&newer).unwrap();
+        assert_eq!(paths.load(), Record::Valid(newer));
+        xattr::set(&paths.part, XATTR, b"{\"url\": \"http://h/f\", \"comp").unwrap();
         assert_eq!(paths.load(), Record::Unreadable);
-        assert!(paths.state.ends_with(".f.bin.fetch"));
+        assert!(
+            !paths.state.exists(),
+            "a sidecar was written where xattrs work"
+        );
     }
 }

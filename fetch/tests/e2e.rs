@@ -212,12 +212,15 @@ fn a_partial_file_that_was_already_whole_is_finished_on_416() {
     assert_eq!(run_fetch(dir.path(), &list, &[]).code, 0);
     // Make it look as if the last run stopped after the last byte, before the rename.
     let done = out(dir.path(), "whole.bin");
-    std::fs::rename(&done, out(dir.path(), "whole.bin.part")).unwrap();
-    let state_path = out(dir.path(), ".whole.bin.fetch");
-    let mut state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    let part = out(dir.path(), "whole.bin.part");
+    let json = xattr::get(&done, "user.corokit.fetch")
+        .unwrap()
+        .expect("the state is on the file");
+    let mut state: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(state["complete"], true);
     state["complete"] = false.into();
-    std::fs::write(&state_path, state.to_string()).unwrap();
+    std::fs::rename(&done, &part).unwrap();
+    xattr::set(&part, "user.corokit.fetch", state.to_string().as_bytes()).unwrap();
 
     let run = run_fetch(dir.path(), &list, &[]);
     assert_eq!(run.code, 0, "{}", run.stderr);

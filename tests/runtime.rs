@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use corokit_common::http::HttpOptions;
 use corokit_common::{join_all, spawn, stdin, Dns, Lookup, Pool, RuntimeConfig, Shutdown};
-use corokit_testkit::{Response, Server, TestCert};
+use corokit_testkit::{ConnectProxy, Response, Server, TestCert};
 
 fn one_worker() {
     RuntimeConfig::with_workers(1).init();
@@ -370,4 +370,33 @@ fn the_agent_saves_the_bytes_as_sent() {
     .join()
     .unwrap();
     assert_eq!(bytes, [0x1f, 0x8b, 8, 0, 1, 2, 3]);
+}
+
+#[test]
+fn http_and_https_go_through_a_connect_proxy() {
+    one_worker();
+    let cert = TestCert::new();
+    let plain = Server::start(|_| Response::ok("plain via proxy"));
+    let tls = Server::start_tls(&cert, |_| Response::ok("tls via proxy"));
+    let proxy = ConnectProxy::start();
+    let mut options = HttpOptions {
+        proxy: Some(ureq::Proxy::new(&proxy.url()).unwrap()),
+        ..HttpOptions::default()
+    };
+    options
+        .extra_roots
+        .push(ureq::tls::Certificate::from_der(&cert.cert_der).to_owned());
+    let agent = options.agent();
+    let (a, b) = (plain.url("/"), tls.url("/"));
+    let (plain_body, tls_body) = spawn(move || (body_of(&agent, &a), body_of(&agent, &b)))
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(plain_body.unwrap().1, "plain via proxy");
+    assert_eq!(tls_body.unwrap().1, "tls via proxy");
+    assert_eq!(
+        proxy.tunnels(),
+        2,
+        "the requests did not go through the proxy"
+    );
 }

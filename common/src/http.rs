@@ -46,6 +46,9 @@ pub struct HttpOptions {
     pub max_idle: usize,
     pub max_idle_per_host: usize,
     pub user_agent: String,
+    /// A CONNECT proxy; by default from `ALL_PROXY`/`HTTPS_PROXY`/`HTTP_PROXY` (and their
+    /// lower-case forms), with `NO_PROXY` naming hosts to reach directly.
+    pub proxy: Option<ureq::Proxy>,
     /// Where names are looked up; the process-wide system resolver by default.
     pub dns: Arc<Dns>,
 }
@@ -63,6 +66,7 @@ impl Default for HttpOptions {
             max_idle: 1024,
             max_idle_per_host: 64,
             user_agent: concat!("corokit/", env!("CARGO_PKG_VERSION")).to_string(),
+            proxy: ureq::Proxy::try_from_env(),
             dns: Dns::system(),
         }
     }
@@ -116,6 +120,7 @@ impl HttpOptions {
             .max_idle_connections(self.max_idle)
             .max_idle_connections_per_host(self.max_idle_per_host)
             .user_agent(self.user_agent.as_str())
+            .proxy(self.proxy.clone())
             .tls_config(TlsConfig::builder().root_certs(roots).build())
             .build();
         let connector =

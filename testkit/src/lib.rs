@@ -456,3 +456,78 @@ fn reason(status: u16) -> &'static str {
         _ => "Status",
     }
 }
+
+/// A CONNECT proxy on 127.0.0.1 that tunnels to IP-literal targets and counts its tunnels.
+pub struct ConnectProxy {
+    addr: SocketAddr,
+    tunnels: Arc<AtomicUsize>,
+}
+
+impl ConnectProxy {
+    pub fn start() -> ConnectProxy {
+        corokit_common::init();
+        let listener = may::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("local addr");
+        let tunnels = Arc::new(AtomicUsize::new(0));
+        let counter = tunnels.clone();
+        corokit_common::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let counter = counter.clone();
+                let _ = corokit_common::spawn(move || tunnel(client, &counter));
+            }
+        })
+        .expect("spawn proxy");
+        ConnectProxy { addr, tunnels }
+    }
+
+    /// `http://127.0.0.1:PORT`, for a proxy setting.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn tunnels(&self) -> usize {
+        self.tunnels.load(Ordering::SeqCst)
+    }
+}
+
+fn tunnel(mut client: may::net::TcpStream, tunnels: &AtomicUsize) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match client.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return,
+        }
+    }
+    let head = String::from_utf8_lossy(&head);
+    let target = head
+        .strip_prefix("CONNECT ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|t| t.parse::<SocketAddr>().ok());
+    let Some(target) = target else {
+        let _ = client.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        return;
+    };
+    let Ok(mut upstream) = may::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))
+    else {
+        let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n");
+        return;
+    };
+    tunnels.fetch_add(1, Ordering::SeqCst);
+    if client
+        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .is_err()
+    {
+        return;
+    }
+    let (Ok(mut client_in), Ok(mut upstream_out)) = (client.try_clone(), upstream.try_clone())
+    else {
+        return;
+    };
+    let _ = corokit_common::spawn(move || {
+        let _ = std::io::copy(&mut client_in, &mut upstream_out);
+        let _ = upstream_out.shutdown(std::net::Shutdown::Write);
+    });
+    let _ = std::io::copy(&mut upstream, &mut client);
+    let _ = client.shutdown(std::net::Shutdown::Both);
+}

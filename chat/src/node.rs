@@ -1,0 +1,788 @@
+//! A chat node on one UDP socket: a receive coroutine that decodes, authenticates, rate
+//! limits, acknowledges, orders and reassembles what arrives; a housekeeping coroutine that
+//! retransmits unacknowledged datagrams with backoff, refreshes presence and expires silent
+//! peers; and `send` for the user's side. Everything the user should see is an [`Event`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use may::net::UdpSocket;
+use may::sync::mpsc;
+
+use crate::peers::{Peer, Peers, Protocol};
+use crate::seal::{Key, ReplayWindow};
+use crate::wire::{self, Datagram, Kind, Packet};
+
+/// IPv4 multicast group for discovery (administratively scoped).
+pub const MULTICAST_V4: Ipv4Addr = Ipv4Addr::new(239, 255, 75, 84);
+
+/// How the node behaves; `Default` is what the `chat` binary uses.
+#[derive(Debug)]
+pub struct Config {
+    pub nick: String,
+    pub key: Option<Key>,
+    /// Announce by broadcast and multicast on this port; `None` turns discovery off.
+    pub discovery_port: Option<u16>,
+    /// First retransmission after this long; doubled each time.
+    pub retry_base: Duration,
+    /// Sends of one datagram before it is reported as not delivered.
+    pub tries: u32,
+    /// Datagrams per second accepted from one source address (and as many in a burst).
+    pub rate_per_source: u32,
+    pub presence_every: Duration,
+    pub expire_after: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            nick: "anonymous".into(),
+            key: None,
+            discovery_port: None,
+            retry_base: Duration::from_millis(200),
+            tries: 6,
+            rate_per_source: 20_000,
+            presence_every: Duration::from_secs(30),
+            expire_after: Duration::from_secs(95),
+        }
+    }
+}
+
+/// What the user sees.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// `nick` is `None` for a plain peer. Text is as received: escape it before printing.
+    Message {
+        from: SocketAddr,
+        nick: Option<String>,
+        text: String,
+    },
+    Join {
+        addr: SocketAddr,
+        nick: String,
+    },
+    Leave {
+        addr: SocketAddr,
+        nick: String,
+        expired: bool,
+    },
+    Delivered {
+        to: SocketAddr,
+        id: u64,
+    },
+    NotDelivered {
+        to: SocketAddr,
+        nick: Option<String>,
+        id: u64,
+        text: String,
+    },
+    /// Something about the network worth a line (a malformed datagram, say).
+    Notice(String),
+}
+
+/// Counters, shown by `/stats` and `/who`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub received: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub retransmits: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub queue_full: AtomicU64,
+    pub malformed: AtomicU64,
+    pub unauthenticated: AtomicU64,
+    pub replayed: AtomicU64,
+    pub out_of_window: AtomicU64,
+}
+
+impl Stats {
+    pub fn summary(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "received {}, duplicates {}, retransmits {}, dropped: rate limit {}, queue full {}, malformed {}, unauthenticated {}, replayed {}, beyond window {}",
+            g(&self.received),
+            g(&self.duplicates),
+            g(&self.retransmits),
+            g(&self.rate_limited),
+            g(&self.queue_full),
+            g(&self.malformed),
+            g(&self.unauthenticated),
+            g(&self.replayed),
+            g(&self.out_of_window),
+        )
+    }
+}
+
+/// Events waiting for the user beyond this many are dropped (and counted).
+const EVENT_QUEUE: usize = 10_000;
+/// Out-of-order datagrams held per sender while a gap is filled.
+const REORDER_WINDOW: u64 = 1024;
+/// Unacknowledged datagrams per destination before `send` waits.
+const SEND_WINDOW: usize = 4096;
+/// Sources tracked by the rate limiter before it starts afresh.
+const RATE_SOURCES: usize = 4096;
+
+struct Pending {
+    plain: Vec<u8>,
+    tries: u32,
+    next_at: Instant,
+    message: u64,
+}
+
+/// What this node sends to one destination.
+#[derive(Default)]
+struct Outgoing {
+    next_seq: u64,
+    pending: BTreeMap<u64, Pending>,
+    /// Message id (its first seq) → (fragments unacknowledged, text).
+    messages: HashMap<u64, (usize, Arc<String>)>,
+}
+
+impl Outgoing {
+    fn base(&self) -> u64 {
+        self.pending.keys().next().copied().unwrap_or(self.next_seq)
+    }
+}
+
+/// What this node receives from one sender instance.
+#[derive(Default)]
+struct Incoming {
+    expected: Option<u64>,
+    held: BTreeMap<u64, Packet>,
+    assembling: Vec<u8>,
+    /// After a gap was skipped: drop fragments until the first of a new message.
+    resync: bool,
+    last: Option<Instant>,
+}
+
+impl Incoming {
+    /// The sender gave up on everything below `base`: move past it.
+    fn skip_to(&mut self, base: u64) {
+        let expected = self.expected.get_or_insert(base.max(1));
+        if base > *expected {
+            *expected = base;
+            self.held.retain(|&seq, _| seq >= base);
+            self.assembling.clear();
+            self.resync = true;
+        }
+    }
+}
+
+struct Inner {
+    socket: UdpSocket,
+    instance: u64,
+    config: Config,
+    nick: Mutex<String>,
+    peers: Mutex<Peers>,
+    outgoing: Mutex<HashMap<SocketAddr, Outgoing>>,
+    incoming: Mutex<HashMap<u64, Incoming>>,
+    replay: Mutex<HashMap<u64, ReplayWindow>>,
+    rate: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    counter: AtomicU64,
+    queued: Arc<AtomicUsize>,
+    events: mpsc::Sender<Event>,
+    stats: Stats,
+    stopped: may::sync::SyncFlag,
+}
+
+/// A running node. Dropping it does not stop it; call [`Node::stop`].
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+/// The user's end of the event stream.
+pub struct Events {
+    rx: mpsc::Receiver<Event>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Events {
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<Event> {
+        let e = self.rx.recv_timeout(timeout).ok()?;
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        Some(e)
+    }
+
+    pub fn recv(&self) -> Option<Event> {
+        let e = self.rx.recv().ok()?;
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        Some(e)
+    }
+}
+
+/// How a message was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// To a `chat` peer; an acknowledgement (or a not-delivered event) follows for this id.
+    Reliable(u64),
+    /// To a plain peer, as UTF-8 text; nothing follows.
+    Plain,
+}
+
+impl Node {
+    /// Starts a node on an already-bound socket.
+    pub fn start(socket: UdpSocket, config: Config) -> io::Result<(Node, Events)> {
+        let (tx, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let instance = loop {
+            let id = fastrand::u64(..);
+            if id != 0 {
+                break id;
+            }
+        };
+        if config.discovery_port.is_some() {
+            socket.set_broadcast(true)?;
+            if let Ok(SocketAddr::V4(_)) = socket.local_addr() {
+                // Best effort: a host without a multicast route still gets broadcasts.
+                let _ = socket.join_multicast_v4(&MULTICAST_V4, &Ipv4Addr::UNSPECIFIED);
+            }
+        }
+        let inner = Arc::new(Inner {
+            socket,
+            instance,
+            nick: Mutex::new(config.nick.clone()),
+            config,
+            peers: Mutex::new(Peers::new(1024)),
+            outgoing: Mutex::new(HashMap::new()),
+            incoming: Mutex::new(HashMap::new()),
+            replay: Mutex::new(HashMap::new()),
+            rate: Mutex::new(HashMap::new()),
+            counter: AtomicU64::new(1),
+            queued: queued.clone(),
+            events: tx,
+            stats: Stats::default(),
+            stopped: may::sync::SyncFlag::new(),
+        });
+        let node = Node { inner };
+        let receiver = node.clone();
+        corokit_common::spawn(move || receiver.receive_loop()).map_err(io::Error::other)?;
+        let keeper = node.clone();
+        corokit_common::spawn(move || keeper.housekeeping()).map_err(io::Error::other)?;
+        node.announce(Kind::Hello);
+        Ok((node, Events { rx, queued }))
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.socket.local_addr()
+    }
+
+    pub fn instance(&self) -> u64 {
+        self.inner.instance
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    pub fn nick(&self) -> String {
+        lock(&self.inner.nick).clone()
+    }
+
+    pub fn set_nick(&self, nick: &str) {
+        *lock(&self.inner.nick) = wire::truncate_nick(nick).to_string();
+        self.announce(Kind::Hello);
+    }
+
+    /// Known peers, most recently heard first.
+    pub fn peers(&self) -> Vec<Peer> {
+        lock(&self.inner.peers).list()
+    }
+
+    /// Says hello to `addr` directly (a peer added by hand, perhaps on another subnet).
+    pub fn hello(&self, addr: SocketAddr) {
+        self.send_packet(addr, &self.control(Kind::Hello));
+    }
+
+    /// True once `addr` has spoken our protocol.
+    pub fn is_chat_peer(&self, addr: SocketAddr) -> bool {
+        lock(&self.inner.peers)
+            .get(addr)
+            .is_some_and(|p| p.protocol == Protocol::Chat)
+    }
+
+    /// Sends `text` to `to`: reliably to a `chat` peer, as plain UTF-8 to anything else.
+    pub fn send(&self, to: SocketAddr, text: &str) -> io::Result<Sent> {
+        if text.len() > wire::MAX_TEXT {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "message is {} bytes; the limit is {}",
+                    text.len(),
+                    wire::MAX_TEXT
+                ),
+            ));
+        }
+        if !self.is_chat_peer(to) {
+            if text.len() > 65_507 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "too long for one datagram",
+                ));
+            }
+            self.inner.socket.send_to(text.as_bytes(), to)?;
+            return Ok(Sent::Plain);
+        }
+        // Flow control: wait while too much is unacknowledged.
+        while lock(&self.inner.outgoing)
+            .get(&to)
+            .is_some_and(|o| o.pending.len() >= SEND_WINDOW)
+        {
+            corokit_common::sleep(Duration::from_millis(2));
+        }
+        let nick = self.nick();
+        let parts = wire::fragments(text, wire::fragment_size(&nick));
+        let frags = parts.len() as u16;
+        let mut datagrams = Vec::with_capacity(parts.len());
+        let id = {
+            let mut outgoing = lock(&self.inner.outgoing);
+            let out = outgoing.entry(to).or_insert_with(|| Outgoing {
+                next_seq: 1,
+                ..Outgoing::default()
+            });
+            let id = out.next_seq;
+            let base = out.base();
+            let now = Instant::now();
+            for (i, part) in parts.iter().enumerate() {
+                let seq = out.next_seq;
+                out.next_seq += 1;
+                let plain = Packet {
+                    kind: Kind::Msg,
+                    instance: self.inner.instance,
+                    seq,
+                    base,
+                    frag: i as u16,
+                    frags,
+                    nick: nick.clone(),
+                    body: part.to_vec(),
+                }
+                .encode();
+                datagrams.push(plain.clone());
+                out.pending.insert(
+                    seq,
+                    Pending {
+                        plain,
+                        tries: 1,
+                        next_at: now + self.inner.config.retry_base,
+                        message: id,
+                    },
+                );
+            }
+            out.messages
+                .insert(id, (parts.len(), Arc::new(text.to_string())));
+            id
+        };
+        for plain in datagrams {
+            self.transmit(to, &plain);
+        }
+        Ok(Sent::Reliable(id))
+    }
+
+    /// Says goodbye to every known peer and stops the node's coroutines.
+    pub fn stop(&self) {
+        let bye = self.control(Kind::Bye);
+        for peer in self.peers() {
+            if peer.protocol == Protocol::Chat {
+                self.send_packet(peer.addr, &bye);
+            }
+        }
+        self.announce(Kind::Bye);
+        self.inner.stopped.fire();
+        // Wake the receive loop with a datagram to itself so it sees the flag.
+        if let Ok(addr) = self.inner.socket.local_addr() {
+            let wake = match addr.ip() {
+                IpAddr::V4(ip) if ip.is_unspecified() => {
+                    SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
+                }
+                IpAddr::V6(ip) if ip.is_unspecified() => {
+                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+                }
+                _ => addr,
+            };
+            let _ = self.inner.socket.send_to(&[], wake);
+        }
+    }
+
+    fn control(&self, kind: Kind) -> Packet {
+        Packet::control(kind, self.inner.instance, &self.nick())
+    }
+
+    /// Broadcast and multicast, when discovery is on.
+    fn announce(&self, kind: Kind) {
+        let Some(port) = self.inner.config.discovery_port else {
+            return;
+        };
+        let packet = self.control(kind);
+        match self.inner.socket.local_addr() {
+            Ok(SocketAddr::V4(_)) => {
+                self.send_packet(SocketAddr::from((Ipv4Addr::BROADCAST, port)), &packet);
+                self.send_packet(SocketAddr::from((MULTICAST_V4, port)), &packet);
+            }
+            Ok(SocketAddr::V6(_)) => {
+                // All-nodes link-local multicast: every IPv6 host on the link hears it.
+                let all_nodes =
+                    SocketAddr::from((std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1), port));
+                self.send_packet(all_nodes, &packet);
+            }
+            Err(_) => {}
+        }
+    }
+
+    fn send_packet(&self, to: SocketAddr, packet: &Packet) {
+        self.transmit(to, &packet.encode());
+    }
+
+    /// Sends a plain protocol datagram, sealed when there is a key. Errors (an unreachable
+    /// network, say) are left to retransmission and, in the end, to not-delivered.
+    fn transmit(&self, to: SocketAddr, plain: &[u8]) {
+        let bytes = match &self.inner.config.key {
+            Some(key) => key.seal(plain, self.inner.counter.fetch_add(1, Ordering::Relaxed)),
+            None => plain.to_vec(),
+        };
+        let _ = self.inner.socket.send_to(&bytes, to);
+    }
+
+    fn emit(&self, event: Event) {
+        let droppable = matches!(event, Event::Message { .. } | Event::Notice(_));
+        if droppable && self.inner.queued.load(Ordering::Relaxed) >= EVENT_QUEUE {
+            self.inner.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.inner.queued.fetch_add(1, Ordering::Relaxed);
+        let _ = self.inner.events.send(event);
+    }
+
+    fn receive_loop(&self) {
+        // The largest UDP payload: anything smaller would truncate silently.
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let received = self.inner.socket.recv_from(&mut buf);
+            if self.inner.stopped.is_fired() {
+                return;
+            }
+            let Ok((n, from)) = received else { continue };
+            if n == 0 && from.ip().is_loopback() {
+                continue;
+            }
+            self.inner.stats.received.fetch_add(1, Ordering::Relaxed);
+            if !self.within_rate(from.ip()) {
+                self.inner
+                    .stats
+                    .rate_limited
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            self.handle(&buf[..n], from);
+        }
+    }
+
+    fn within_rate(&self, ip: IpAddr) -> bool {
+        let rate = f64::from(self.inner.config.rate_per_source);
+        let now = Instant::now();
+        let mut buckets = lock(&self.inner.rate);
+        if buckets.len() >= RATE_SOURCES && !buckets.contains_key(&ip) {
+            buckets.clear();
+        }
+        let (tokens, last) = buckets.entry(ip).or_insert((rate, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn handle(&self, bytes: &[u8], from: SocketAddr) {
+        let opened;
+        let plain = match (wire::decode(bytes), &self.inner.config.key) {
+            (Datagram::Plain, Some(_)) | (Datagram::Packet(_), Some(_)) => {
+                // With a key, everything unauthenticated is dropped and counted, never shown.
+                self.inner
+                    .stats
+                    .unauthenticated
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            (Datagram::Plain, None) => {
+                lock(&self.inner.peers).seen(from, None, None, Protocol::Plain);
+                self.emit(Event::Message {
+                    from,
+                    nick: None,
+                    text: String::from_utf8_lossy(bytes).into_owned(),
+                });
+                return;
+            }
+            (Datagram::Malformed(why), _) => {
+                self.inner.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                self.emit(Event::Notice(format!(
+                    "ignored a malformed datagram from {from}: {why}"
+                )));
+                return;
+            }
+            (Datagram::Sealed, None) => {
+                self.inner
+                    .stats
+                    .unauthenticated
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            (Datagram::Sealed, Some(key)) => match key.open(bytes) {
+                Err(_) => {
+                    self.inner
+                        .stats
+                        .unauthenticated
+                        .fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Ok((counter, inner)) => {
+                    opened = inner;
+                    match wire::decode(&opened) {
+                        Datagram::Packet(p) => {
+                            let fresh = lock(&self.inner.replay)
+                                .entry(p.instance)
+                                .or_default()
+                                .accept(counter);
+                            if !fresh {
+                                self.inner.stats.replayed.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            }
+                            p
+                        }
+                        _ => {
+                            self.inner.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                }
+            },
+            (Datagram::Packet(p), None) => p,
+        };
+        self.handle_packet(plain, from);
+    }
+
+    fn handle_packet(&self, p: Packet, from: SocketAddr) {
+        if p.instance == self.inner.instance {
+            return; // our own broadcast, come back
+        }
+        let joined =
+            lock(&self.inner.peers).seen(from, Some(p.instance), Some(&p.nick), Protocol::Chat);
+        if joined {
+            self.emit(Event::Join {
+                addr: from,
+                nick: p.nick.clone(),
+            });
+        }
+        if p.kind != Kind::Msg && p.base > 0 {
+            if let Some(stream) = lock(&self.inner.incoming).get_mut(&p.instance) {
+                stream.skip_to(p.base);
+            }
+            self.release(p.instance, from);
+        }
+        match p.kind {
+            Kind::Hello => self.send_packet(from, &self.control(Kind::HelloReply)),
+            Kind::HelloReply | Kind::Sealed => {}
+            Kind::Bye => {
+                if let Some(peer) = lock(&self.inner.peers).remove(from) {
+                    self.emit(Event::Leave {
+                        addr: from,
+                        nick: peer.nick.unwrap_or_default(),
+                        expired: false,
+                    });
+                }
+            }
+            Kind::Ack => self.acknowledged(from, p.seq),
+            Kind::Msg => self.received_msg(p, from),
+        }
+    }
+
+    fn acknowledged(&self, from: SocketAddr, seq: u64) {
+        let delivered = {
+            let mut outgoing = lock(&self.inner.outgoing);
+            let Some(out) = outgoing.get_mut(&from) else {
+                return;
+            };
+            let Some(pending) = out.pending.remove(&seq) else {
+                return;
+            };
+            let message = pending.message;
+            match out.messages.get_mut(&message) {
+                Some((left, _)) if *left > 1 => {
+                    *left -= 1;
+                    None
+                }
+                Some(_) => {
+                    out.messages.remove(&message);
+                    Some(message)
+                }
+                None => None,
+            }
+        };
+        if let Some(id) = delivered {
+            self.emit(Event::Delivered { to: from, id });
+        }
+    }
+
+    fn received_msg(&self, p: Packet, from: SocketAddr) {
+        let (instance, seq) = (p.instance, p.seq);
+        {
+            let mut incoming = lock(&self.inner.incoming);
+            let stream = incoming.entry(instance).or_default();
+            stream.last = Some(Instant::now());
+            stream.skip_to(p.base);
+            let expected = stream.expected.unwrap_or(1);
+            if seq < expected || stream.held.contains_key(&seq) {
+                self.inner.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                drop(incoming);
+                self.ack(from, seq);
+                return;
+            }
+            if seq >= expected + REORDER_WINDOW {
+                // Not acknowledged: the sender retransmits once the gap is filled.
+                self.inner
+                    .stats
+                    .out_of_window
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            stream.held.insert(seq, p);
+        }
+        self.ack(from, seq);
+        self.release(instance, from);
+    }
+
+    /// Shows every message of `instance` that is now complete and in order.
+    fn release(&self, instance: u64, from: SocketAddr) {
+        let mut complete = Vec::new();
+        {
+            let mut incoming = lock(&self.inner.incoming);
+            let Some(stream) = incoming.get_mut(&instance) else {
+                return;
+            };
+            let mut next = stream.expected.unwrap_or(1);
+            while let Some(packet) = stream.held.remove(&next) {
+                next += 1;
+                if packet.frag == 0 {
+                    stream.assembling.clear();
+                    stream.resync = false;
+                }
+                if stream.resync {
+                    continue;
+                }
+                if stream.assembling.len() + packet.body.len() <= wire::MAX_TEXT {
+                    stream.assembling.extend_from_slice(&packet.body);
+                }
+                if packet.frag + 1 == packet.frags {
+                    let text = String::from_utf8_lossy(&stream.assembling).into_owned();
+                    stream.assembling.clear();
+                    complete.push((packet.nick, text));
+                }
+            }
+            stream.expected = Some(next);
+        }
+        for (nick, text) in complete {
+            self.emit(Event::Message {
+                from,
+                nick: Some(nick),
+                text,
+            });
+        }
+    }
+
+    fn ack(&self, to: SocketAddr, seq: u64) {
+        let mut ack = self.control(Kind::Ack);
+        ack.seq = seq;
+        self.send_packet(to, &ack);
+    }
+
+    /// Retransmits with backoff, reports messages that ran out of tries, refreshes
+    /// presence and expires silent peers and stale reassembly.
+    fn housekeeping(&self) {
+        let tick = Duration::from_millis(20);
+        let mut next_presence = Instant::now() + self.inner.config.presence_every;
+        while !self.inner.stopped.wait_timeout(tick) {
+            let now = Instant::now();
+            let mut resend = Vec::new();
+            let mut failed = Vec::new();
+            let mut gave_up = Vec::new();
+            {
+                let mut outgoing = lock(&self.inner.outgoing);
+                for (&to, out) in outgoing.iter_mut() {
+                    let dead: Vec<u64> = out
+                        .pending
+                        .values()
+                        .filter(|p| p.next_at <= now && p.tries >= self.inner.config.tries)
+                        .map(|p| p.message)
+                        .collect();
+                    for &message in &dead {
+                        out.pending.retain(|_, p| p.message != message);
+                        if let Some((_, text)) = out.messages.remove(&message) {
+                            failed.push((to, message, text));
+                        }
+                    }
+                    let base = out.base();
+                    if !dead.is_empty() {
+                        gave_up.push((to, base));
+                    }
+                    for pending in out.pending.values_mut() {
+                        if pending.next_at > now {
+                            continue;
+                        }
+                        pending.tries += 1;
+                        let backoff = self.inner.config.retry_base * (1 << pending.tries.min(10));
+                        pending.next_at = now + backoff;
+                        // Retransmissions carry the current base, so the receiver can skip
+                        // anything given up since the first send.
+                        wire::set_base(&mut pending.plain, base);
+                        resend.push((to, pending.plain.clone()));
+                    }
+                }
+            }
+            for (to, plain) in resend {
+                self.inner.stats.retransmits.fetch_add(1, Ordering::Relaxed);
+                self.transmit(to, &plain);
+            }
+            for (to, base) in gave_up {
+                let mut skip = self.control(Kind::HelloReply);
+                skip.base = base;
+                self.send_packet(to, &skip);
+            }
+            for (to, id, text) in failed {
+                let nick = lock(&self.inner.peers).get(to).and_then(|p| p.nick.clone());
+                self.emit(Event::NotDelivered {
+                    to,
+                    nick,
+                    id,
+                    text: text.to_string(),
+                });
+            }
+            if now >= next_presence {
+                next_presence = now + self.inner.config.presence_every;
+                self.announce(Kind::Hello);
+                let expired = lock(&self.inner.peers).expire(self.inner.config.expire_after);
+                for peer in expired {
+                    if peer.protocol == Protocol::Chat {
+                        self.emit(Event::Leave {
+                            addr: peer.addr,
+                            nick: peer.nick.unwrap_or_default(),
+                            expired: true,
+                        });
+                    }
+                }
+                let stale = self.inner.config.expire_after;
+                lock(&self.inner.incoming)
+                    .retain(|_, s| s.last.is_some_and(|t| t.elapsed() < stale));
+            }
+        }
+    }
+}
+
+/// Locks a std mutex whose critical sections never yield; a poisoned lock is still usable
+/// because every section leaves the data consistent before anything can panic.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

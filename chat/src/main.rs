@@ -71,6 +71,12 @@ struct Common {
     /// The secret can also come from the CHAT_KEY environment variable.
     #[arg(long, value_name = "FILE")]
     key_file: Option<PathBuf>,
+    /// Sends of a message before it is reported as not delivered.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=30))]
+    tries: u32,
+    /// Milliseconds before the first retransmission (doubled after each).
+    #[arg(long, default_value_t = 200, value_name = "MS")]
+    ack_timeout: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -184,6 +190,8 @@ fn start(common: &Common, port: u16, discovery: bool) -> anyhow::Result<(Node, E
         nick: common.name.clone().unwrap_or_else(default_nick),
         key: load_key(common)?,
         discovery_port: discovery.then_some(local.port()),
+        tries: common.tries,
+        retry_base: Duration::from_millis(common.ack_timeout.max(1)),
         ..Config::default()
     };
     Ok(Node::start(socket, config)?)
@@ -377,7 +385,9 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     } else {
         (corokit_common::stdin::lines(), Out { printer: None })
     };
-    if !args.json {
+    if args.json {
+        out.line(serde_json::json!({"event": "listening", "time": now(), "addr": node.local_addr()?.to_string(), "nick": node.nick()}).to_string());
+    } else {
         out.line(format!(
             "chat: {} on {} ({}); /help for commands",
             escape(&node.nick()),

@@ -118,6 +118,9 @@ impl Stats {
 
 /// Events waiting for the user beyond this many are dropped (and counted).
 const EVENT_QUEUE: usize = 10_000;
+/// Events from one source waiting for the user: a flooding source fills its own share, not
+/// the queue, so other peers' messages still get through.
+const SOURCE_QUEUE: usize = 500;
 /// Out-of-order datagrams held per sender while a gap is filled.
 const REORDER_WINDOW: u64 = 1024;
 /// Unacknowledged datagrams per destination before `send` waits.
@@ -180,10 +183,10 @@ struct Inner {
     outgoing: Mutex<HashMap<SocketAddr, Outgoing>>,
     incoming: Mutex<HashMap<u64, Incoming>>,
     replay: Mutex<HashMap<u64, ReplayWindow>>,
-    rate: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    rate: Mutex<HashMap<SocketAddr, (f64, Instant)>>,
     counter: AtomicU64,
-    queued: Arc<AtomicUsize>,
-    events: mpsc::Sender<Event>,
+    queued: Arc<Queued>,
+    events: mpsc::Sender<(Option<SocketAddr>, Event)>,
     stats: Stats,
     stopped: may::sync::SyncFlag,
 }
@@ -194,22 +197,49 @@ pub struct Node {
     inner: Arc<Inner>,
 }
 
+/// Events waiting for the user, in all and per source.
+#[derive(Default)]
+struct Queued {
+    total: AtomicUsize,
+    by_source: Mutex<HashMap<SocketAddr, usize>>,
+}
+
+impl Queued {
+    fn has_room(&self, from: SocketAddr) -> bool {
+        self.total.load(Ordering::Relaxed) < EVENT_QUEUE
+            && lock(&self.by_source).get(&from).copied().unwrap_or(0) < SOURCE_QUEUE
+    }
+
+    fn taken(&self, from: Option<SocketAddr>) {
+        self.total.fetch_sub(1, Ordering::Relaxed);
+        if let Some(from) = from {
+            let mut by = lock(&self.by_source);
+            if let Some(n) = by.get_mut(&from) {
+                *n -= 1;
+                if *n == 0 {
+                    by.remove(&from);
+                }
+            }
+        }
+    }
+}
+
 /// The user's end of the event stream.
 pub struct Events {
-    rx: mpsc::Receiver<Event>,
-    queued: Arc<AtomicUsize>,
+    rx: mpsc::Receiver<(Option<SocketAddr>, Event)>,
+    queued: Arc<Queued>,
 }
 
 impl Events {
     pub fn recv_timeout(&self, timeout: Duration) -> Option<Event> {
-        let e = self.rx.recv_timeout(timeout).ok()?;
-        self.queued.fetch_sub(1, Ordering::Relaxed);
+        let (from, e) = self.rx.recv_timeout(timeout).ok()?;
+        self.queued.taken(from);
         Some(e)
     }
 
     pub fn recv(&self) -> Option<Event> {
-        let e = self.rx.recv().ok()?;
-        self.queued.fetch_sub(1, Ordering::Relaxed);
+        let (from, e) = self.rx.recv().ok()?;
+        self.queued.taken(from);
         Some(e)
     }
 }
@@ -227,7 +257,7 @@ impl Node {
     /// Starts a node on an already-bound socket.
     pub fn start(socket: UdpSocket, config: Config) -> io::Result<(Node, Events)> {
         let (tx, rx) = mpsc::channel();
-        let queued = Arc::new(AtomicUsize::new(0));
+        let queued = Arc::new(Queued::default());
         let instance = loop {
             let id = fastrand::u64(..);
             if id != 0 {
@@ -292,9 +322,27 @@ impl Node {
         lock(&self.inner.peers).list()
     }
 
-    /// Says hello to `addr` directly (a peer added by hand, perhaps on another subnet).
+    /// Says hello to `addr` directly (a peer added by hand, perhaps on another subnet),
+    /// again with backoff until it answers, in case a datagram is lost. An address known to
+    /// speak plain text gets no hello: it would show our binary header as text.
     pub fn hello(&self, addr: SocketAddr) {
-        self.send_packet(addr, &self.control(Kind::Hello));
+        if lock(&self.inner.peers)
+            .get(addr)
+            .is_some_and(|p| p.protocol == Protocol::Plain)
+        {
+            return;
+        }
+        let node = self.clone();
+        let _ = corokit_common::spawn(move || {
+            let mut wait = node.inner.config.retry_base;
+            for _ in 0..node.inner.config.tries {
+                node.send_packet(addr, &node.control(Kind::Hello));
+                if node.inner.stopped.wait_timeout(wait) || node.is_chat_peer(addr) {
+                    return;
+                }
+                wait *= 2;
+            }
+        });
     }
 
     /// True once `addr` has spoken our protocol.
@@ -445,14 +493,32 @@ impl Node {
         let _ = self.inner.socket.send_to(&bytes, to);
     }
 
+    /// Queues an event for the user. Messages and notices from a source whose share of the
+    /// queue is full are dropped and counted; joins, leaves and delivery reports never are.
     fn emit(&self, event: Event) {
-        let droppable = matches!(event, Event::Message { .. } | Event::Notice(_));
-        if droppable && self.inner.queued.load(Ordering::Relaxed) >= EVENT_QUEUE {
+        let source = match &event {
+            Event::Message { from, .. } => Some(*from),
+            Event::Notice(_) => None,
+            _ => {
+                self.inner.queued.total.fetch_add(1, Ordering::Relaxed);
+                let _ = self.inner.events.send((None, event));
+                return;
+            }
+        };
+        let queued = &self.inner.queued;
+        let room = match source {
+            Some(from) => queued.has_room(from),
+            None => queued.total.load(Ordering::Relaxed) < EVENT_QUEUE,
+        };
+        if !room {
             self.inner.stats.queue_full.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        self.inner.queued.fetch_add(1, Ordering::Relaxed);
-        let _ = self.inner.events.send(event);
+        queued.total.fetch_add(1, Ordering::Relaxed);
+        if let Some(from) = source {
+            *lock(&queued.by_source).entry(from).or_default() += 1;
+        }
+        let _ = self.inner.events.send((source, event));
     }
 
     fn receive_loop(&self) {
@@ -468,7 +534,7 @@ impl Node {
                 continue;
             }
             self.inner.stats.received.fetch_add(1, Ordering::Relaxed);
-            if !self.within_rate(from.ip()) {
+            if !self.within_rate(from) {
                 self.inner
                     .stats
                     .rate_limited
@@ -479,14 +545,14 @@ impl Node {
         }
     }
 
-    fn within_rate(&self, ip: IpAddr) -> bool {
+    fn within_rate(&self, source: SocketAddr) -> bool {
         let rate = f64::from(self.inner.config.rate_per_source);
         let now = Instant::now();
         let mut buckets = lock(&self.inner.rate);
-        if buckets.len() >= RATE_SOURCES && !buckets.contains_key(&ip) {
+        if buckets.len() >= RATE_SOURCES && !buckets.contains_key(&source) {
             buckets.clear();
         }
-        let (tokens, last) = buckets.entry(ip).or_insert((rate, now));
+        let (tokens, last) = buckets.entry(source).or_insert((rate, now));
         *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate);
         *last = now;
         if *tokens >= 1.0 {
@@ -629,6 +695,12 @@ impl Node {
 
     fn received_msg(&self, p: Packet, from: SocketAddr) {
         let (instance, seq) = (p.instance, p.seq);
+        if !self.inner.queued.has_room(from) {
+            // Not acknowledged, so the sender retransmits once the user has caught up:
+            // a message that was acknowledged must never be dropped.
+            self.inner.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         {
             let mut incoming = lock(&self.inner.incoming);
             let stream = incoming.entry(instance).or_default();
@@ -733,7 +805,8 @@ impl Node {
                             continue;
                         }
                         pending.tries += 1;
-                        let backoff = self.inner.config.retry_base * (1 << pending.tries.min(10));
+                        // Doubling up to 16 times the first wait, then steady.
+                        let backoff = self.inner.config.retry_base * (1 << pending.tries.min(4));
                         pending.next_at = now + backoff;
                         // Retransmissions carry the current base, so the receiver can skip
                         // anything given up since the first send.

@@ -1,0 +1,559 @@
+//! `chat` end to end: real processes and real UDP sockets on loopback.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use corokit_chat::seal::Key;
+use corokit_chat::wire::{Kind, Packet};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn udp() -> may::net::UdpSocket {
+    corokit_common::init();
+    let s = may::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    s
+}
+
+/// A running `chat --json` whose output lines arrive on a channel.
+struct Chat {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    addr: SocketAddr,
+    seen: Vec<Value>,
+}
+
+impl Chat {
+    fn start(args: &[&str]) -> Chat {
+        Self::start_with(args, &[])
+    }
+
+    fn start_with(args: &[&str], env: &[(&str, &str)]) -> Chat {
+        corokit_common::init();
+        let dir = tempfile::tempdir().unwrap().keep();
+        let bind: &[&str] = if args.contains(&"--bind") {
+            &[]
+        } else {
+            &["--bind", "127.0.0.1"]
+        };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chat"))
+            .args(["--json", "--port", "0", "--no-discovery"])
+            .args(bind)
+            .arg("--peers-file")
+            .arg(dir.join("peers"))
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let first = lines.recv_timeout(WAIT).expect("chat printed nothing");
+        let v: Value = serde_json::from_str(&first).unwrap();
+        assert_eq!(v["event"], "listening", "{first}");
+        let addr = v["addr"].as_str().unwrap().parse().unwrap();
+        Chat {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            addr,
+            seen: Vec::new(),
+        }
+    }
+
+    fn say(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Waits for an event matching `pred`, keeping everything seen.
+    fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+            return v.clone();
+        }
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let Ok(line) = self.lines.recv_timeout(left) else {
+                break;
+            };
+            let v: Value = match serde_json::from_str(&line) {
+                Ok(v) => v,
+                Err(_) => Value::String(line),
+            };
+            self.seen.push(v.clone());
+            if pred(&v) {
+                return v;
+            }
+        }
+        panic!("{what} did not happen; saw {:#?}", self.seen)
+    }
+
+    fn messages(&mut self, settle: Duration) -> Vec<String> {
+        let until = Instant::now() + settle;
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self
+                    .seen
+                    .push(serde_json::from_str(&line).unwrap_or(Value::String(line))),
+                Err(_) => break,
+            }
+        }
+        self.seen
+            .iter()
+            .filter(|v| v["event"] == "message")
+            .map(|v| v["text"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn joined(&mut self, addr: SocketAddr) {
+        let a = addr.to_string();
+        self.wait_for("join", |v| v["event"] == "join" && v["from"] == a.as_str());
+    }
+
+    fn terminate(mut self) -> i32 {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        status.code().unwrap_or(-1)
+    }
+}
+
+impl Drop for Chat {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn msg_from(v: &Value, from: SocketAddr, text: &str) -> bool {
+    v["event"] == "message" && v["from"] == from.to_string().as_str() && v["text"] == text
+}
+
+#[test]
+fn three_instances_talk_in_every_direction() {
+    let mut a = Chat::start(&["--name", "ana"]);
+    let to_a = a.addr.to_string();
+    let mut b = Chat::start(&["--name", "bob", "--to", &to_a]);
+    let mut c = Chat::start(&["--name", "cy", "--to", &to_a]);
+    a.joined(b.addr);
+    a.joined(c.addr);
+    b.say("hello from bob");
+    c.say("hello from cy");
+    let (ba, ca) = (b.addr, c.addr);
+    a.wait_for("bob's line", |v| {
+        msg_from(v, ba, "hello from bob") && v["nick"] == "bob"
+    });
+    a.wait_for("cy's line", |v| msg_from(v, ca, "hello from cy"));
+    // Ana has no destination: a plain line goes to every known peer.
+    a.say("hello all");
+    let aa = a.addr;
+    b.wait_for("ana's line at bob", |v| {
+        msg_from(v, aa, "hello all") && v["nick"] == "ana"
+    });
+    c.wait_for("ana's line at cy", |v| msg_from(v, aa, "hello all"));
+    // A private message by nickname reaches only its peer.
+    a.say("@cy just for you");
+    c.wait_for("private line", |v| msg_from(v, aa, "just for you"));
+    assert!(!b
+        .messages(Duration::from_millis(300))
+        .contains(&"just for you".to_string()));
+    // Goodbye on SIGTERM, and a clean exit.
+    assert_eq!(b.terminate(), 0);
+    let bs = ba.to_string();
+    a.wait_for("bob leaving", |v| {
+        v["event"] == "leave" && v["from"] == bs.as_str()
+    });
+}
+
+#[test]
+fn plain_udp_peers_both_ways() {
+    let mut a = Chat::start(&[]);
+    let nc = udp();
+    nc.send_to("from netcat \u{e9}".as_bytes(), a.addr).unwrap();
+    let ncaddr = nc.local_addr().unwrap();
+    a.wait_for("plain text", |v| {
+        msg_from(v, ncaddr, "from netcat \u{e9}") && v["protocol"] == "plain"
+    });
+    // Typed text goes to a plain peer as plain UTF-8, as nc would show it.
+    a.say(&format!("/to {ncaddr}"));
+    a.say("back to you \u{263a}");
+    let mut buf = [0u8; 2048];
+    let (n, from) = nc.recv_from(&mut buf).unwrap();
+    assert_eq!(from, a.addr);
+    assert_eq!(
+        std::str::from_utf8(&buf[..n]).unwrap(),
+        "back to you \u{263a}"
+    );
+}
+
+#[test]
+fn hostile_bytes_are_shown_escaped_and_big_datagrams_whole() {
+    let a = Chat::start(&[]);
+    drop(a);
+    // Text mode, where escaping matters: read its stdout directly.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chat"))
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-discovery",
+            "--peers-file",
+            "/dev/null",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let addr: SocketAddr = first
+        .split(" on ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let nc = udp();
+    nc.send_to(
+        b"\x1b[2J\x1b[H\x1b]0;owned\x07 wipe \xff\xfe \xe2\x80\xaeexe.txt \x9b1m",
+        addr,
+    )
+    .unwrap();
+    let big = vec![b'z'; 65_507];
+    nc.send_to(&big, addr).unwrap();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(
+        !line.trim_end().chars().any(|c| c.is_control()),
+        "raw control characters: {line:?}"
+    );
+    assert!(
+        line.contains("\\u{1b}[2J") && line.contains("\\u{202e}") && line.contains('\u{fffd}'),
+        "{line}"
+    );
+    let mut big_line = String::new();
+    out.read_line(&mut big_line).unwrap();
+    assert!(
+        big_line.trim_end().ends_with(&"z".repeat(65_507)),
+        "the big datagram was cut"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A relay between two chats that drops, duplicates and reorders datagrams.
+struct Relay {
+    /// Where `a` should send to reach `b`.
+    for_a: SocketAddr,
+    stop: Arc<AtomicBool>,
+    forwarded: Arc<AtomicUsize>,
+}
+
+impl Relay {
+    fn start(a: SocketAddr, b: SocketAddr, drop_pct: u32) -> Relay {
+        let side_a = Arc::new(udp()); // faces a
+        let side_b = Arc::new(udp()); // faces b
+        let stop = Arc::new(AtomicBool::new(false));
+        let forwarded = Arc::new(AtomicUsize::new(0));
+        let for_a = side_a.local_addr().unwrap();
+        for (from, to, dest) in [(side_a.clone(), side_b.clone(), b), (side_b, side_a, a)] {
+            let (stop, forwarded) = (stop.clone(), forwarded.clone());
+            corokit_common::spawn(move || {
+                let mut held: Option<Vec<u8>> = None;
+                let mut buf = vec![0u8; 65_536];
+                let mut rng = 12345u32;
+                let mut roll = move || {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 17;
+                    rng ^= rng << 5;
+                    rng % 100
+                };
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok((n, _)) = from.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    let r = roll();
+                    if r < drop_pct {
+                        continue;
+                    }
+                    forwarded.fetch_add(1, Ordering::SeqCst);
+                    let data = buf[..n].to_vec();
+                    if r < drop_pct + 10 {
+                        // Hold this one back: it goes out after the next (reordered).
+                        if let Some(prev) = held.replace(data) {
+                            let _ = to.send_to(&prev, dest);
+                        }
+                        continue;
+                    }
+                    let _ = to.send_to(&data, dest);
+                    if r > 90 {
+                        let _ = to.send_to(&data, dest); // duplicated
+                    }
+                    if let Some(prev) = held.take() {
+                        let _ = to.send_to(&prev, dest);
+                    }
+                }
+            })
+            .unwrap();
+        }
+        Relay {
+            for_a,
+            stop,
+            forwarded,
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_lossy_network_delivers_every_message_once_in_order() {
+    let mut b = Chat::start(&["--name", "bob", "--ack-timeout", "50"]);
+    // Ana needs her own address before the relay exists, so she starts with no peers.
+    // Enough tries that 30% loss each way cannot exhaust them (0.51^16 per datagram).
+    let mut a = Chat::start(&["--name", "ana", "--ack-timeout", "50", "--tries", "16"]);
+    let relay = Relay::start(a.addr, b.addr, 30);
+    a.say(&format!("/to {}", relay.for_a));
+    let relay_a = relay.for_a;
+    a.wait_for("bob via the relay", |v| {
+        v["event"] == "join" && v["from"] == relay_a.to_string().as_str()
+    });
+    let sent: Vec<String> = (0..60)
+        .map(|i| {
+            if i % 20 == 7 {
+                format!("long {i} {}", "x".repeat(3000))
+            } else {
+                format!("line {i}")
+            }
+        })
+        .collect();
+    for line in &sent {
+        a.say(line);
+    }
+    let last = sent.last().unwrap().clone();
+    b.wait_for("the last line", |v| {
+        v["event"] == "message" && v["text"] == last.as_str()
+    });
+    let got = b.messages(Duration::from_millis(500));
+    assert_eq!(got, sent, "lost, duplicated or reordered");
+    assert!(relay.forwarded.load(Ordering::SeqCst) > 60);
+
+    // Now bob vanishes without a goodbye: ana is told her message was not delivered.
+    drop(b);
+    a.say("are you there?");
+    a.wait_for("not delivered", |v| {
+        v["event"] == "not_delivered" && v["text"] == "are you there?"
+    });
+}
+
+#[test]
+fn a_flood_from_one_source_does_not_starve_another_peer() {
+    let mut b = Chat::start(&["--name", "bob"]);
+    let mut a = Chat::start(&["--name", "ana", "--to", &b.addr.to_string()]);
+    b.joined(a.addr);
+    let flooding = Arc::new(AtomicBool::new(true));
+    let flooded = Arc::new(AtomicUsize::new(0));
+    let flooder = {
+        let (flooding, flooded, target) = (flooding.clone(), flooded.clone(), b.addr);
+        std::thread::spawn(move || {
+            let s = udp();
+            while flooding.load(Ordering::SeqCst) && flooded.load(Ordering::SeqCst) < 1_000_000 {
+                let _ = s.send_to(b"flood flood flood flood", target);
+                flooded.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    while flooded.load(Ordering::SeqCst) < 20_000 {
+        std::thread::yield_now();
+    }
+    let lines: Vec<String> = (0..20).map(|i| format!("important {i}")).collect();
+    for line in &lines {
+        a.say(line);
+    }
+    let last = lines.last().unwrap().clone();
+    let aa = a.addr;
+    b.wait_for("the last important line", |v| msg_from(v, aa, &last));
+    flooding.store(false, Ordering::SeqCst);
+    flooder.join().unwrap();
+    let from_ana: Vec<String> = b
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "message" && v["from"] == aa.to_string().as_str())
+        .map(|v| v["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(from_ana, lines);
+    b.say("/stats");
+    b.wait_for("drops counted", |v| {
+        v.as_str()
+            .is_some_and(|s| s.contains("dropped: rate limit") && !s.contains("rate limit 0,"))
+    });
+}
+
+#[test]
+fn with_a_key_only_authentic_fresh_datagrams_are_shown() {
+    let env = [("CHAT_KEY", "our shared secret")];
+    let mut b = Chat::start_with(&["--name", "bob"], &env);
+    let mut a = Chat::start_with(&["--name", "ana", "--to", &b.addr.to_string()], &env);
+    b.joined(a.addr);
+    a.say("sealed hello");
+    let aa = a.addr;
+    b.wait_for("sealed message", |v| msg_from(v, aa, "sealed hello"));
+
+    let attacker = udp();
+    // Plain text and an unsealed protocol message claiming to be ana: dropped.
+    attacker
+        .send_to(b"plain text is not allowed", b.addr)
+        .unwrap();
+    let mut spoof = Packet::control(Kind::Msg, 42, "ana");
+    spoof.seq = 1;
+    spoof.base = 1;
+    spoof.frags = 1;
+    spoof.body = b"spoofed".to_vec();
+    attacker.send_to(&spoof.encode(), b.addr).unwrap();
+    // The wrong key: dropped.
+    attacker
+        .send_to(&Key::derive(b"guess").seal(&spoof.encode(), 1), b.addr)
+        .unwrap();
+    // The right key, sent twice: shown once (the copy is a replay).
+    let right = Key::derive(b"our shared secret").seal(&spoof.encode(), 1);
+    attacker.send_to(&right, b.addr).unwrap();
+    attacker.send_to(&right, b.addr).unwrap();
+    let at = attacker.local_addr().unwrap();
+    b.wait_for("the authentic one", |v| msg_from(v, at, "spoofed"));
+    let texts = b.messages(Duration::from_millis(400));
+    assert_eq!(
+        texts,
+        ["sealed hello", "spoofed"],
+        "something unauthenticated or replayed was shown"
+    );
+    b.say("/stats");
+    b.wait_for("counted", |v| {
+        v.as_str()
+            .is_some_and(|s| s.contains("unauthenticated 3") && s.contains("replayed 1"))
+    });
+}
+
+#[test]
+fn chat_send_waits_for_the_acknowledgement() {
+    let mut b = Chat::start(&["--name", "bob"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_chat"))
+        .args(["send", &b.addr.to_string(), "one shot", "--name", "script"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    b.wait_for("the one message", |v| {
+        v["event"] == "message" && v["text"] == "one shot" && v["nick"] == "script"
+    });
+    // A plain peer: 0 once sent, and it reads plain text.
+    let nc = udp();
+    let out = Command::new(env!("CARGO_BIN_EXE_chat"))
+        .args(["send", &nc.local_addr().unwrap().to_string(), "to netcat"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let mut buf = [0u8; 1500];
+    let mut texts = Vec::new();
+    while let Ok((n, _)) = nc.recv_from(&mut buf) {
+        texts.push(buf[..n].to_vec());
+    }
+    assert!(texts.iter().any(|t| t == b"to netcat"), "{texts:?}");
+}
+
+#[test]
+fn a_port_in_use_is_a_clear_error() {
+    let a = Chat::start(&[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_chat"))
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &a.addr.port().to_string(),
+            "--no-discovery",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot bind") && err.contains(&a.addr.to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn ipv6_loopback_works_like_ipv4() {
+    let mut b = Chat::start(&["--bind", "[::1]:0", "--name", "six"]);
+    assert!(b.addr.is_ipv6());
+    let mut a = Chat::start(&["--bind", "::1", "--to", &b.addr.to_string()]);
+    b.joined(a.addr);
+    a.say("over v6");
+    let aa = a.addr;
+    b.wait_for("v6 message", |v| msg_from(v, aa, "over v6"));
+}
+
+#[test]
+fn the_log_keeps_what_was_sent_and_received() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("chat.jsonl");
+    let mut b = Chat::start(&["--log", log.to_str().unwrap()]);
+    let nc = udp();
+    nc.send_to(b"incoming", b.addr).unwrap();
+    let ncaddr = nc.local_addr().unwrap();
+    b.wait_for("incoming", |v| msg_from(v, ncaddr, "incoming"));
+    b.say(&format!("/to {ncaddr}"));
+    b.say("outgoing");
+    let mut buf = [0u8; 100];
+    nc.recv_from(&mut buf).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let mut logged = String::new();
+    while Instant::now() < deadline && logged.lines().count() < 2 {
+        corokit_common::sleep(Duration::from_millis(20));
+        logged = std::fs::read_to_string(&log).unwrap();
+    }
+    let lines: Vec<Value> = logged
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{logged}");
+    assert_eq!(
+        (lines[0]["direction"].as_str(), lines[0]["text"].as_str()),
+        (Some("in"), Some("incoming"))
+    );
+    assert_eq!(
+        (lines[1]["direction"].as_str(), lines[1]["text"].as_str()),
+        (Some("out"), Some("outgoing"))
+    );
+}

@@ -557,3 +557,69 @@ fn the_log_keeps_what_was_sent_and_received() {
         (Some("out"), Some("outgoing"))
     );
 }
+
+#[test]
+fn on_a_terminal_the_input_line_stays_intact_while_messages_arrive() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("skipped: tmux is not installed");
+        return;
+    }
+    let port = {
+        let s = udp();
+        s.local_addr().unwrap().port()
+    };
+    let session = format!("chat-test-{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = format!(
+        "{} --bind 127.0.0.1 --port {port} --no-discovery --name tty --peers-file {}",
+        env!("CARGO_BIN_EXE_chat"),
+        dir.path().join("peers").display()
+    );
+    let tmux = |args: &[&str]| Command::new("tmux").args(args).output().unwrap();
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "100",
+        "-y",
+        "10",
+        &cmd,
+    ]);
+    let screen = || {
+        String::from_utf8_lossy(&tmux(&["capture-pane", "-t", &session, "-p"]).stdout).into_owned()
+    };
+    let wait_screen = |want: &str| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let s = screen();
+            if s.contains(want) || Instant::now() > deadline {
+                return s;
+            }
+            corokit_common::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_screen("> ");
+    tmux(&["send-keys", "-t", &session, "half typed"]);
+    wait_screen("half typed");
+    let nc = udp();
+    nc.send_to(
+        b"arrived \x1b[2J meanwhile",
+        SocketAddr::from(([127, 0, 0, 1], port)),
+    )
+    .unwrap();
+    let shown = wait_screen("meanwhile");
+    tmux(&["send-keys", "-t", &session, "/quit", "Enter"]);
+    tmux(&["kill-session", "-t", &session]);
+    let lines: Vec<&str> = shown.lines().filter(|l| !l.trim().is_empty()).collect();
+    let arrived = lines
+        .iter()
+        .position(|l| l.contains("arrived \\u{1b}[2J meanwhile"));
+    let input = lines.iter().position(|l| l.trim_end() == "> half typed");
+    assert!(arrived.is_some() && input.is_some(), "screen:\n{shown}");
+    assert!(
+        arrived < input,
+        "the message was not printed above the input line:\n{shown}"
+    );
+}

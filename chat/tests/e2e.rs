@@ -36,16 +36,28 @@ impl Chat {
     }
 
     fn start_with(args: &[&str], env: &[(&str, &str)]) -> Chat {
-        corokit_common::init();
-        let dir = tempfile::tempdir().unwrap().keep();
         let bind: &[&str] = if args.contains(&"--bind") {
             &[]
         } else {
             &["--bind", "127.0.0.1"]
         };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chat"))
-            .args(["--json", "--port", "0", "--no-discovery"])
-            .args(bind)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chat"));
+        cmd.args(["--port", "0", "--no-discovery"]).args(bind);
+        Self::spawn(cmd, args, env)
+    }
+
+    /// Runs `chat` inside network namespace `ns`, with discovery on its default port.
+    fn start_in(ns: &str, args: &[&str]) -> Chat {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_chat")]);
+        Self::spawn(cmd, args, &[])
+    }
+
+    fn spawn(mut cmd: Command, args: &[&str], env: &[(&str, &str)]) -> Chat {
+        corokit_common::init();
+        let dir = tempfile::tempdir().unwrap().keep();
+        let mut child = cmd
+            .arg("--json")
             .arg("--peers-file")
             .arg(dir.join("peers"))
             .args(args)
@@ -622,4 +634,83 @@ fn on_a_terminal_the_input_line_stays_intact_while_messages_arrive() {
         arrived < input,
         "the message was not printed above the input line:\n{shown}"
     );
+}
+
+/// Hosts in network namespaces joined by a bridge (in a namespace of its own), removed on drop.
+struct Lan {
+    names: Vec<String>,
+}
+
+impl Lan {
+    fn ip(args: &[&str]) -> bool {
+        Command::new("ip")
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// Two hosts, 10.213.77.1 and .2 on one link; `None` where namespaces are not permitted.
+    fn two_hosts() -> Option<Lan> {
+        let id = std::process::id();
+        let (br, h1, h2) = (
+            format!("ckbr{id}"),
+            format!("ckh1{id}"),
+            format!("ckh2{id}"),
+        );
+        let lan = Lan {
+            names: vec![br.clone(), h1.clone(), h2.clone()],
+        };
+        if !Lan::ip(&["netns", "add", &br]) {
+            return None;
+        }
+        let ok = Lan::ip(&["netns", "add", &h1])
+            && Lan::ip(&["netns", "add", &h2])
+            && Lan::ip(&["-n", &br, "link", "add", "br0", "type", "bridge"])
+            && Lan::ip(&["-n", &br, "link", "set", "br0", "up"])
+            && [(&h1, "1"), (&h2, "2")].iter().all(|(h, n)| {
+                let port = format!("p{n}");
+                Lan::ip(&["-n", &br, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", h])
+                    && Lan::ip(&["-n", &br, "link", "set", &port, "master", "br0", "up"])
+                    && Lan::ip(&["-n", h, "addr", "add", &format!("10.213.77.{n}/24"), "dev", "eth0"])
+                    && Lan::ip(&["-n", h, "link", "set", "eth0", "up"])
+                    && Lan::ip(&["-n", h, "link", "set", "lo", "up"])
+                    // Broadcast and multicast leave through eth0; nothing else is there.
+                    && Lan::ip(&["-n", h, "route", "add", "default", "dev", "eth0"])
+            });
+        ok.then_some(lan)
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for name in &self.names {
+            Lan::ip(&["netns", "del", name]);
+        }
+    }
+}
+
+#[test]
+fn instances_on_two_hosts_discover_each_other() {
+    let Some(lan) = Lan::two_hosts() else {
+        eprintln!("skipped: creating network namespaces is not permitted here");
+        return;
+    };
+    let (h1, h2) = (lan.names[1].clone(), lan.names[2].clone());
+    let mut one = Chat::start_in(&h1, &["--name", "one"]);
+    let mut two = Chat::start_in(&h2, &["--name", "two"]);
+    let (at1, at2) = ("10.213.77.1:7890", "10.213.77.2:7890");
+    // Whoever started second was heard by the first through broadcast or multicast.
+    one.wait_for("two found", |v| {
+        v["event"] == "join" && v["from"] == at2 && v["nick"] == "two"
+    });
+    two.wait_for("one found", |v| {
+        v["event"] == "join" && v["from"] == at1 && v["nick"] == "one"
+    });
+    one.say("hello across the bridge");
+    two.wait_for("the message", |v| {
+        v["event"] == "message" && v["from"] == at1 && v["text"] == "hello across the bridge"
+    });
+    assert_eq!(one.terminate(), 0);
+    two.wait_for("the goodbye", |v| v["event"] == "leave" && v["from"] == at1);
+    drop(two);
 }

@@ -242,15 +242,25 @@ struct Out {
 
 impl Out {
     fn line(&self, text: String) {
+        self.write(text);
+        self.flush();
+    }
+
+    /// Writes without flushing: a burst of events goes out in few writes.
+    fn write(&self, text: String) {
         match &self.printer {
             Some(p) => {
                 let _ = p.lock().unwrap_or_else(|e| e.into_inner()).print(text);
             }
             None => {
-                let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "{text}");
-                let _ = out.flush();
+                let _ = writeln!(std::io::stdout().lock(), "{text}");
             }
+        }
+    }
+
+    fn flush(&self) {
+        if self.printer.is_none() {
+            let _ = std::io::stdout().lock().flush();
         }
     }
 }
@@ -404,12 +414,23 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     {
         let (out, log, json) = (out.clone(), log.clone(), args.json);
         corokit_common::spawn(move || {
-            while let Some(event) = events.recv() {
+            loop {
+                let event = match events.try_recv() {
+                    Some(e) => e,
+                    None => {
+                        // Caught up: flush, then wait.
+                        out.flush();
+                        match events.recv() {
+                            Some(e) => e,
+                            None => return,
+                        }
+                    }
+                };
                 if let Event::Message { from, nick, text } = &event {
                     log.write("in", *from, nick, text);
                 }
                 if let Some(line) = render(&event, json) {
-                    out.line(line);
+                    out.write(line);
                 }
             }
         })?;

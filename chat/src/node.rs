@@ -120,7 +120,7 @@ impl Stats {
 const EVENT_QUEUE: usize = 10_000;
 /// Events from one source waiting for the user: a flooding source fills its own share, not
 /// the queue, so other peers' messages still get through.
-const SOURCE_QUEUE: usize = 500;
+const SOURCE_QUEUE: usize = 4096;
 /// Out-of-order datagrams held per sender while a gap is filled.
 const REORDER_WINDOW: u64 = 1024;
 /// Unacknowledged datagrams per destination before `send` waits.
@@ -239,6 +239,13 @@ impl Events {
 
     pub fn recv(&self) -> Option<Event> {
         let (from, e) = self.rx.recv().ok()?;
+        self.queued.taken(from);
+        Some(e)
+    }
+
+    /// The next event if one is waiting, without waiting.
+    pub fn try_recv(&self) -> Option<Event> {
+        let (from, e) = self.rx.try_recv().ok()?;
         self.queued.taken(from);
         Some(e)
     }

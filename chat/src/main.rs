@@ -58,9 +58,9 @@ struct Args {
 
 #[derive(clap::Args, Debug)]
 struct Common {
-    /// UDP port to bind.
-    #[arg(long, default_value_t = 7890)]
-    port: u16,
+    /// UDP port to bind [default: 7890; for `send`, any free port].
+    #[arg(long)]
+    port: Option<u16>,
     /// Address to bind: an IP (with --port) or IP:PORT; `::` for IPv6 (and IPv4).
     #[arg(long, value_name = "ADDR")]
     bind: Option<String>,
@@ -211,9 +211,8 @@ fn wait_for_peer(node: &Node, addr: SocketAddr, limit: Duration) -> bool {
 
 fn send_one(common: &Common, to: &str, text: &str) -> anyhow::Result<ExitCode> {
     let to = resolve(to)?;
-    // An ephemeral port unless one was asked for, so it works beside a running chat.
-    let port = if common.port == 7890 { 0 } else { common.port };
-    let (node, events) = start(common, port, false)?;
+    // Any free port unless one was asked for, so it works beside a running chat.
+    let (node, events) = start(common, common.port.unwrap_or(0), false)?;
     node.hello(to);
     wait_for_peer(&node, to, Duration::from_secs(1));
     let outcome = match node.send(to, text)? {
@@ -346,7 +345,11 @@ impl Log {
 const HELP: &str = "commands: /to HOST:PORT (destination; /to alone: every peer), /msg NICK text or @NICK text, /all text, /who, /stats, /nick NAME, /help, /quit";
 
 fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let (node, events) = start(&args.common, args.common.port, !args.no_discovery)?;
+    let (node, events) = start(
+        &args.common,
+        args.common.port.unwrap_or(7890),
+        !args.no_discovery,
+    )?;
     let shutdown = Shutdown::on_signals()?;
     let log = Arc::new(Log(match &args.log {
         Some(path) => Some(Mutex::new(
@@ -373,12 +376,16 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    // One hello per peer: those given now were also just written to the remembered list.
+    let mut greet = by_hand.clone();
     for remembered in peers_file.iter().flat_map(|f| peers::load_remembered(f)) {
         if let Ok(addr) = resolve(&remembered) {
-            node.hello(addr);
+            if !greet.contains(&addr) {
+                greet.push(addr);
+            }
         }
     }
-    for &addr in &by_hand {
+    for addr in greet {
         node.hello(addr);
     }
 

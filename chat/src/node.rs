@@ -307,10 +307,6 @@ impl Node {
         self.inner.socket.local_addr()
     }
 
-    pub fn instance(&self) -> u64 {
-        self.inner.instance
-    }
-
     pub fn stats(&self) -> &Stats {
         &self.inner.stats
     }

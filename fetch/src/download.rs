@@ -156,12 +156,17 @@ impl Context {
                 }
                 continue;
             }
-            let (ours, state) = match paths.load() {
-                StateRecord::Valid(s) if s.url == url => (true, Some(s)),
-                StateRecord::Valid(_) => (false, None),
-                // fetch's own file, torn by a crash: whatever it was, it starts over.
-                StateRecord::Unreadable => (true, None),
-                StateRecord::None => (!paths.done.exists() && !paths.part.exists(), None),
+            // With neither file present the name is free and no record could change the
+            // plan (it would start over), so the state is only read when a file is there.
+            let (ours, state) = if !paths.done.exists() && !paths.part.exists() {
+                (true, None)
+            } else {
+                match paths.load() {
+                    StateRecord::Valid(s) if s.url == url => (true, Some(s)),
+                    StateRecord::Valid(_) | StateRecord::None => (false, None),
+                    // fetch's own file, torn by a crash: whatever it was, it starts over.
+                    StateRecord::Unreadable => (true, None),
+                }
             };
             if ours {
                 claims.insert(paths.done.clone(), url.to_string());
@@ -276,11 +281,7 @@ fn run(
             ));
         }
         dir.push(sub);
-        fs::create_dir_all(&dir).map_err(|source| Failure::Disk {
-            what: "creating",
-            path: dir.clone(),
-            source,
-        })?;
+        fs::create_dir_all(&dir).map_err(disk("creating", &dir))?;
     }
     let named = match &entry.out {
         Some(out) => naming::sanitize(out),
@@ -488,17 +489,16 @@ fn attempt<'a>(
                     rename_claim(ctx, claim, &offered, url, entry.line)?;
                 }
             }
-            let length = rsp.body().content_length();
-            if length.is_some_and(|l| l <= SMALL_BODY) {
-                return receive_small(ctx, entry, claim, rsp, record);
-            }
             let state = State {
                 url: entry.urls[0].clone(),
                 etag: header(&rsp, "ETag").map(str::to_string),
                 last_modified: header(&rsp, "Last-Modified").map(str::to_string),
-                length,
+                length: rsp.body().content_length(),
                 complete: false,
             };
+            if state.length.is_some_and(|l| l <= SMALL_BODY) {
+                return receive_small(ctx, entry, claim, rsp, state, record);
+            }
             let part = &claim.paths.part;
             let file = File::create(part).map_err(disk("creating", part))?;
             claim
@@ -552,15 +552,10 @@ fn receive_small(
     entry: &Entry,
     claim: &mut Claim<'_>,
     rsp: ureq::http::Response<ureq::Body>,
+    mut state: State,
     record: &mut Record,
 ) -> Result<(), Failure> {
-    let state = State {
-        url: entry.urls[0].clone(),
-        etag: header(&rsp, "ETag").map(str::to_string),
-        last_modified: header(&rsp, "Last-Modified").map(str::to_string),
-        length: rsp.body().content_length(),
-        complete: true,
-    };
+    state.complete = true;
     let mut body = Vec::new();
     rsp.into_body()
         .into_reader()
@@ -609,11 +604,6 @@ fn receive(
     started: Instant,
 ) -> Result<(), Failure> {
     let part = &claim.paths.part;
-    let disk = |source| Failure::Disk {
-        what: "writing",
-        path: part.clone(),
-        source,
-    };
     let mut reader = rsp.into_body().into_reader();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -623,7 +613,7 @@ fn receive(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(Failure::from_io(e)),
         };
-        file.write_all(&buf[..n]).map_err(disk)?;
+        file.write_all(&buf[..n]).map_err(disk("writing", part))?;
         ctx.reporter.add_bytes(n as u64);
         if let Some(rate) = &ctx.rate {
             let wait = rate.take(n);
@@ -642,7 +632,7 @@ fn receive(
             }
         }
     }
-    file.flush().map_err(disk)?;
+    file.flush().map_err(disk("writing", part))?;
     drop(file);
     finish(entry, claim, record)
 }
@@ -651,11 +641,7 @@ fn receive(
 fn finish(entry: &Entry, claim: &mut Claim<'_>, record: &mut Record) -> Result<(), Failure> {
     let paths = claim.paths.clone();
     let size = fs::metadata(&paths.part)
-        .map_err(|source| Failure::Disk {
-            what: "reading",
-            path: paths.part.clone(),
-            source,
-        })?
+        .map_err(disk("reading", &paths.part))?
         .len();
     let mut state = claim.state.clone().unwrap_or_default();
     if let Some(want) = state.length {
@@ -676,11 +662,7 @@ fn finish(entry: &Entry, claim: &mut Claim<'_>, record: &mut Record) -> Result<(
             }
         }
     }
-    fs::rename(&paths.part, &paths.done).map_err(|source| Failure::Disk {
-        what: "renaming",
-        path: paths.part.clone(),
-        source,
-    })?;
+    fs::rename(&paths.part, &paths.done).map_err(disk("renaming", &paths.part))?;
     state.complete = true;
     state.length = Some(size);
     paths
@@ -693,16 +675,11 @@ fn finish(entry: &Entry, claim: &mut Claim<'_>, record: &mut Record) -> Result<(
 
 /// The file's SHA-256 in hex if it matches `want`, else a checksum failure.
 fn verify(path: &Path, want: &[u8; 32]) -> Result<String, Failure> {
-    let disk = |source| Failure::Disk {
-        what: "reading",
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = File::open(path).map_err(disk)?;
+    let mut file = File::open(path).map_err(disk("reading", path))?;
     let mut ctx = digest::Context::new(&digest::SHA256);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = file.read(&mut buf).map_err(disk)?;
+        let n = file.read(&mut buf).map_err(disk("reading", path))?;
         if n == 0 {
             break;
         }

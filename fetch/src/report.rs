@@ -87,7 +87,8 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// `progress`: draw a progress display (only when stderr is a terminal).
+    /// Draws a progress display when stderr is a terminal and not `quiet`; writes the
+    /// `--report` file at `report` if given.
     pub fn new(quiet: bool, report: Option<&PathBuf>) -> io::Result<Self> {
         let report = match report {
             Some(path) => Some(Mutex::new(BufWriter::new(File::create(path)?))),

@@ -20,7 +20,6 @@ pub struct Request {
     pub method: String,
     pub path: String,
     pub headers: Vec<(String, String)>,
-    pub peer: SocketAddr,
 }
 
 impl Request {
@@ -241,14 +240,6 @@ impl Server {
         )
     }
 
-    /// Starts a server on `addr` (an explicit port or port 0; `[::1]:0` for IPv6).
-    pub fn start_at(
-        addr: SocketAddr,
-        handler: impl Fn(&Request) -> Response + Send + Sync + 'static,
-    ) -> Server {
-        Self::start_on(addr, None, Arc::new(handler))
-    }
-
     fn start_on(
         addr: SocketAddr,
         tls: Option<Arc<rustls::ServerConfig>>,
@@ -274,21 +265,13 @@ impl Server {
                     let stats = stats.clone();
                     let handler = handler.clone();
                     let tls = tls.clone();
-                    let _ = corokit_common::spawn(move || {
-                        let peer = conn.peer_addr().unwrap_or(addr);
-                        match tls {
-                            None => serve(conn, peer, &*handler, &stats),
-                            Some(config) => {
-                                let Ok(session) = rustls::ServerConnection::new(config) else {
-                                    return;
-                                };
-                                serve(
-                                    rustls::StreamOwned::new(session, conn),
-                                    peer,
-                                    &*handler,
-                                    &stats,
-                                )
-                            }
+                    let _ = corokit_common::spawn(move || match tls {
+                        None => serve(conn, &*handler, &stats),
+                        Some(config) => {
+                            let Ok(session) = rustls::ServerConnection::new(config) else {
+                                return;
+                            };
+                            serve(rustls::StreamOwned::new(session, conn), &*handler, &stats)
                         }
                     });
                 }
@@ -338,7 +321,7 @@ impl Drop for InFlight<'_> {
 }
 
 /// Serves requests on one connection until the client closes or a fault ends it.
-fn serve<S: Read + Write>(mut conn: S, peer: SocketAddr, handler: &Handler, stats: &Stats) {
+fn serve<S: Read + Write>(mut conn: S, handler: &Handler, stats: &Stats) {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     loop {
         let (req, consumed, close) = loop {
@@ -360,7 +343,6 @@ fn serve<S: Read + Write>(mut conn: S, peer: SocketAddr, handler: &Handler, stat
                         method: parsed.method.unwrap_or("GET").to_string(),
                         path: parsed.path.unwrap_or("/").to_string(),
                         headers,
-                        peer,
                     };
                     let close = req
                         .header("Connection")

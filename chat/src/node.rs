@@ -45,7 +45,7 @@ impl Default for Config {
             discovery_port: None,
             retry_base: Duration::from_millis(200),
             tries: 6,
-            rate_per_source: 20_000,
+            rate_per_source: 100_000,
             presence_every: Duration::from_secs(30),
             expire_after: Duration::from_secs(95),
         }
@@ -123,8 +123,11 @@ const EVENT_QUEUE: usize = 10_000;
 const SOURCE_QUEUE: usize = 4096;
 /// Out-of-order datagrams held per sender while a gap is filled.
 const REORDER_WINDOW: u64 = 1024;
-/// Unacknowledged datagrams per destination before `send` waits.
+/// Unacknowledged datagrams per destination before `send` waits, and the receive window a
+/// sender assumes before the first acknowledgement tells it the real one.
 const SEND_WINDOW: usize = 4096;
+/// A sender told it has less room than this is sent window updates as the user catches up.
+const LOW_ROOM: usize = SOURCE_QUEUE / 2;
 /// Sources tracked by the rate limiter before it starts afresh.
 const RATE_SOURCES: usize = 4096;
 
@@ -133,18 +136,43 @@ struct Pending {
     tries: u32,
     next_at: Instant,
     message: u64,
+    /// Turned away by a receiver short of room: it is alive, so waiting for room costs no try.
+    parked: bool,
 }
 
 /// What this node sends to one destination.
-#[derive(Default)]
 struct Outgoing {
     next_seq: u64,
     pending: BTreeMap<u64, Pending>,
     /// Message id (its first seq) → (fragments unacknowledged, text).
     messages: HashMap<u64, (usize, Arc<String>)>,
+    /// The receive window: the highest sequence the destination said it has room for.
+    limit: u64,
+    last_ack: Instant,
 }
 
 impl Outgoing {
+    fn new() -> Outgoing {
+        Outgoing {
+            next_seq: 1,
+            pending: BTreeMap::new(),
+            messages: HashMap::new(),
+            limit: SEND_WINDOW as u64,
+            last_ack: Instant::now(),
+        }
+    }
+
+    /// True while `datagrams` more would overrun the destination. With nothing in flight and
+    /// no acknowledgement for `probe_after`, one message goes anyway: its acknowledgement
+    /// brings a fresh window if a window update was lost.
+    fn must_wait(&self, datagrams: usize, probe_after: Duration) -> bool {
+        if self.pending.len() >= SEND_WINDOW {
+            return true;
+        }
+        let over = self.next_seq + datagrams as u64 - 1 > self.limit;
+        over && !(self.pending.is_empty() && self.last_ack.elapsed() >= probe_after)
+    }
+
     fn base(&self) -> u64 {
         self.pending.keys().next().copied().unwrap_or(self.next_seq)
     }
@@ -184,6 +212,8 @@ struct Inner {
     incoming: Mutex<HashMap<u64, Incoming>>,
     replay: Mutex<HashMap<u64, ReplayWindow>>,
     rate: Mutex<HashMap<SocketAddr, (f64, Instant)>>,
+    /// Senders last told they have little room: source → (their instance, room told).
+    low_window: Mutex<HashMap<SocketAddr, (u64, usize)>>,
     counter: AtomicU64,
     queued: Arc<Queued>,
     events: mpsc::Sender<(Option<SocketAddr>, Event)>,
@@ -205,9 +235,17 @@ struct Queued {
 }
 
 impl Queued {
+    /// Messages from `from` that fit before its share or the whole queue is full.
+    fn room(&self, from: SocketAddr) -> usize {
+        let mine = lock(&self.by_source).get(&from).copied().unwrap_or(0);
+        let total = self.total.load(Ordering::Relaxed);
+        SOURCE_QUEUE
+            .saturating_sub(mine)
+            .min(EVENT_QUEUE.saturating_sub(total))
+    }
+
     fn has_room(&self, from: SocketAddr) -> bool {
-        self.total.load(Ordering::Relaxed) < EVENT_QUEUE
-            && lock(&self.by_source).get(&from).copied().unwrap_or(0) < SOURCE_QUEUE
+        self.room(from) > 0
     }
 
     fn taken(&self, from: Option<SocketAddr>) {
@@ -288,6 +326,7 @@ impl Node {
             incoming: Mutex::new(HashMap::new()),
             replay: Mutex::new(HashMap::new()),
             rate: Mutex::new(HashMap::new()),
+            low_window: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(1),
             queued: queued.clone(),
             events: tx,
@@ -377,23 +416,20 @@ impl Node {
             self.inner.socket.send_to(text.as_bytes(), to)?;
             return Ok(Sent::Plain);
         }
-        // Flow control: wait while too much is unacknowledged.
-        while lock(&self.inner.outgoing)
-            .get(&to)
-            .is_some_and(|o| o.pending.len() >= SEND_WINDOW)
-        {
-            corokit_common::sleep(Duration::from_millis(2));
-        }
         let nick = self.nick();
         let parts = wire::fragments(text, wire::fragment_size(&nick));
         let frags = parts.len() as u16;
+        let probe_after = self.inner.config.retry_base;
+        while lock(&self.inner.outgoing)
+            .get(&to)
+            .is_some_and(|o| o.must_wait(parts.len(), probe_after))
+        {
+            corokit_common::sleep(Duration::from_millis(1));
+        }
         let mut datagrams = Vec::with_capacity(parts.len());
         let id = {
             let mut outgoing = lock(&self.inner.outgoing);
-            let out = outgoing.entry(to).or_insert_with(|| Outgoing {
-                next_seq: 1,
-                ..Outgoing::default()
-            });
+            let out = outgoing.entry(to).or_insert_with(Outgoing::new);
             let id = out.next_seq;
             let base = out.base();
             let now = Instant::now();
@@ -419,6 +455,7 @@ impl Node {
                         tries: 1,
                         next_at: now + self.inner.config.retry_base,
                         message: id,
+                        parked: false,
                     },
                 );
             }
@@ -664,17 +701,32 @@ impl Node {
                     });
                 }
             }
-            Kind::Ack => self.acknowledged(from, p.seq),
+            Kind::Ack => self.acknowledged(from, p.seq, p.window()),
             Kind::Msg => self.received_msg(p, from),
         }
     }
 
-    fn acknowledged(&self, from: SocketAddr, seq: u64) {
+    fn acknowledged(&self, from: SocketAddr, seq: u64, window: Option<u64>) {
         let delivered = {
             let mut outgoing = lock(&self.inner.outgoing);
             let Some(out) = outgoing.get_mut(&from) else {
                 return;
             };
+            let now = Instant::now();
+            out.last_ack = now;
+            if let Some(limit) = window {
+                out.limit = limit;
+                for (&s, pending) in out.pending.iter_mut() {
+                    if s > limit && seq == 0 {
+                        // Turned away for want of room: wait for the window update, and
+                        // only probe now and then in case the update is lost.
+                        pending.parked = true;
+                        pending.next_at = now + self.inner.config.retry_base * 16;
+                    } else if s <= limit && pending.parked {
+                        pending.next_at = now;
+                    }
+                }
+            }
             let Some(pending) = out.pending.remove(&seq) else {
                 return;
             };
@@ -698,12 +750,6 @@ impl Node {
 
     fn received_msg(&self, p: Packet, from: SocketAddr) {
         let (instance, seq) = (p.instance, p.seq);
-        if !self.inner.queued.has_room(from) {
-            // Not acknowledged, so the sender retransmits once the user has caught up:
-            // a message that was acknowledged must never be dropped.
-            self.inner.stats.queue_full.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
         {
             let mut incoming = lock(&self.inner.incoming);
             let stream = incoming.entry(instance).or_default();
@@ -713,7 +759,15 @@ impl Node {
             if seq < expected || stream.held.contains_key(&seq) {
                 self.inner.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 drop(incoming);
-                self.ack(from, seq);
+                self.ack(from, instance, seq);
+                return;
+            }
+            if !self.inner.queued.has_room(from) {
+                // Not acknowledged (an acknowledged message is never dropped); the window
+                // update tells the sender to hold it until the user has caught up.
+                self.inner.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+                drop(incoming);
+                self.ack(from, instance, 0);
                 return;
             }
             if seq >= expected + REORDER_WINDOW {
@@ -726,8 +780,8 @@ impl Node {
             }
             stream.held.insert(seq, p);
         }
-        self.ack(from, seq);
         self.release(instance, from);
+        self.ack(from, instance, seq);
     }
 
     /// Shows every message of `instance` that is now complete and in order.
@@ -768,10 +822,48 @@ impl Node {
         }
     }
 
-    fn ack(&self, to: SocketAddr, seq: u64) {
-        let mut ack = self.control(Kind::Ack);
-        ack.seq = seq;
+    /// Acknowledges `seq` (0: acknowledges nothing, a window update) with the window: the
+    /// sender may go as far past what arrived in order as the user's queue has room.
+    fn ack(&self, to: SocketAddr, instance: u64, seq: u64) {
+        let room = self.inner.queued.room(to);
+        let delivered = lock(&self.inner.incoming)
+            .get(&instance)
+            .and_then(|s| s.expected)
+            .unwrap_or(1)
+            - 1;
+        if room < LOW_ROOM {
+            self.short_of_room(to, instance, room);
+        } else if seq == 0 {
+            lock(&self.inner.low_window).remove(&to);
+        }
+        let ack = Packet::ack(
+            self.inner.instance,
+            &self.nick(),
+            seq,
+            delivered + room as u64,
+        );
         self.send_packet(to, &ack);
+    }
+
+    /// Remembers that `from` was told it has only `room`, for a window update later. Bounded
+    /// like the rate limiter: a sender beyond it recovers by retransmission instead.
+    fn short_of_room(&self, from: SocketAddr, instance: u64, room: usize) {
+        let mut low = lock(&self.inner.low_window);
+        if low.len() < RATE_SOURCES || low.contains_key(&from) {
+            low.insert(from, (instance, room));
+        }
+    }
+
+    /// Tells senders that were short of room, and have more now, how far they may go.
+    fn update_windows(&self) {
+        let opened: Vec<(SocketAddr, u64)> = lock(&self.inner.low_window)
+            .iter()
+            .filter(|(&from, &(_, told))| self.inner.queued.room(from) > told)
+            .map(|(&from, &(instance, _))| (from, instance))
+            .collect();
+        for (from, instance) in opened {
+            self.ack(from, instance, 0);
+        }
     }
 
     /// Retransmits with backoff, reports messages that ran out of tries, refreshes
@@ -780,6 +872,7 @@ impl Node {
         let tick = Duration::from_millis(20);
         let mut next_presence = Instant::now() + self.inner.config.presence_every;
         while !self.inner.stopped.wait_timeout(tick) {
+            self.update_windows();
             let now = Instant::now();
             let mut resend = Vec::new();
             let mut failed = Vec::new();
@@ -790,7 +883,9 @@ impl Node {
                     let dead: Vec<u64> = out
                         .pending
                         .values()
-                        .filter(|p| p.next_at <= now && p.tries >= self.inner.config.tries)
+                        .filter(|p| {
+                            p.next_at <= now && p.tries >= self.inner.config.tries && !p.parked
+                        })
                         .map(|p| p.message)
                         .collect();
                     for &message in &dead {
@@ -807,7 +902,9 @@ impl Node {
                         if pending.next_at > now {
                             continue;
                         }
-                        pending.tries += 1;
+                        if !std::mem::take(&mut pending.parked) {
+                            pending.tries += 1;
+                        }
                         // Doubling up to 16 times the first wait, then steady.
                         let backoff = self.inner.config.retry_base * (1 << pending.tries.min(4));
                         pending.next_at = now + backoff;

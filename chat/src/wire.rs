@@ -7,13 +7,19 @@
 //! kind    1  Hello | HelloReply | Bye | Msg | Ack
 //! flags   1  bit 0: sealed (the rest is an AEAD box, see `seal`)
 //! instance 8 random id of the sending process, fixed for its life
-//! seq     8  Msg: per-sender sequence; Ack: the sequence acknowledged; others: 0
-//! base    8  Msg: lowest sequence the sender still retransmits (gaps below it are given up)
+//! seq     8  Msg: per-sender sequence; Ack: the sequence acknowledged (0: a window update
+//!            that acknowledges nothing); others: 0
+//! base    8  lowest sequence the sender still retransmits (gaps below it are given up); 0 in
+//!            an Ack
 //! frag    2  Msg: index of this fragment
 //! frags   2  Msg: fragments in the message (1 for a short one)
 //! nick    1+n length-prefixed UTF-8 nickname (at most 64 bytes)
-//! body    rest: Msg text bytes (UTF-8); empty for the others
+//! body    rest: Msg: text bytes (UTF-8); Ack: the receive window, 8 bytes, the highest
+//!            sequence the receiver has room for now; empty for the others
 //! ```
+//! Flow control: a sender sends no sequence above the latest window it was given (before the
+//! first Ack it assumes 4096). A receiver whose queue for the user is full neither accepts nor
+//! acknowledges a Msg, and sends a window update (an Ack of sequence 0) once room opens.
 //! Sealed datagrams carry `magic, version, kind=Sealed, flags=1, nonce(12), box` where the box
 //! is ChaCha20-Poly1305 over the whole plain datagram above, with the 6 header bytes as AAD.
 
@@ -78,6 +84,21 @@ impl Packet {
             nick: nick.to_string(),
             body: Vec::new(),
         }
+    }
+
+    /// An acknowledgement of `seq` carrying the receive window `limit`.
+    pub fn ack(instance: u64, nick: &str, seq: u64, limit: u64) -> Packet {
+        Packet {
+            seq,
+            body: limit.to_be_bytes().to_vec(),
+            ..Packet::control(Kind::Ack, instance, nick)
+        }
+    }
+
+    /// The receive window an Ack carries, if it carries one.
+    pub fn window(&self) -> Option<u64> {
+        let bytes: [u8; 8] = self.body.get(..8)?.try_into().ok()?;
+        (self.kind == Kind::Ack).then(|| u64::from_be_bytes(bytes))
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -217,6 +238,12 @@ mod tests {
             body: "héllo".as_bytes().to_vec(),
         };
         assert_eq!(decode(&p.encode()), Datagram::Packet(p));
+        let ack = Packet::ack(7, "bo", 42, 5000);
+        let Datagram::Packet(back) = decode(&ack.encode()) else {
+            panic!("an ack must decode");
+        };
+        assert_eq!((back.seq, back.window()), (42, Some(5000)));
+        assert_eq!(Packet::control(Kind::Hello, 7, "bo").window(), None);
     }
 
     #[test]

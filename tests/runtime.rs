@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use corokit_common::http::HttpOptions;
-use corokit_common::{join_all, spawn, stdin, Dns, Lookup, Pool, RuntimeConfig, Shutdown};
+use corokit_common::{join_all, spawn, stdin, stdout, Dns, Lookup, Pool, RuntimeConfig, Shutdown};
 use corokit_testkit::{ConnectProxy, Response, Server, TestCert};
 
 fn one_worker() {
@@ -220,6 +220,36 @@ fn stdin_lines_from_a_pipe_a_file_and_dev_null() {
 
     let rx = stdin::read_lines(std::fs::File::open("/dev/null").unwrap());
     assert!(collect(rx).is_empty());
+}
+
+#[test]
+fn output_to_a_pipe_nobody_reads_parks_the_writer_not_the_worker() {
+    one_worker();
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    let out = stdout::write_lines(writer);
+    let lines: Vec<String> = (0..5000).map(|i| format!("{i:>99}")).collect();
+    let producer = {
+        let (out, lines) = (out.clone(), lines.clone());
+        spawn(move || lines.into_iter().for_each(|l| out.line(l))).unwrap()
+    };
+    // 500 KB cannot fit in the pipe, the writer's buffer and the backlog together, so the
+    // producer is parked now; another coroutine still runs on the one worker.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(300) {
+        assert_eq!(spawn(|| 42).unwrap().join().unwrap(), 42);
+        corokit_common::sleep(Duration::from_millis(20));
+    }
+    assert!(!producer.is_done(), "the output never filled up");
+    let reading = std::thread::spawn(move || {
+        let mut text = String::new();
+        reader.read_to_string(&mut text).unwrap();
+        text
+    });
+    producer.join().unwrap();
+    out.drain();
+    drop(out);
+    let text = reading.join().unwrap();
+    assert!(text.lines().eq(lines.iter().map(String::as_str)));
 }
 
 #[test]

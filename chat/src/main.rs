@@ -233,33 +233,28 @@ fn send_one(common: &Common, to: &str, text: &str) -> anyhow::Result<ExitCode> {
     Ok(outcome)
 }
 
-/// Where output goes: stdout directly, or above the line editor's input line.
+/// Where output goes: above the line editor's input line, or to stdout through its writer
+/// thread (a reader that stops reading must not block a worker).
 #[derive(Clone)]
-struct Out {
-    printer: Option<Arc<Mutex<Box<dyn rustyline::ExternalPrinter + Send>>>>,
+enum Out {
+    Editor(Arc<Mutex<Box<dyn rustyline::ExternalPrinter + Send>>>),
+    Stdout(corokit_common::stdout::Stdout),
 }
 
 impl Out {
     fn line(&self, text: String) {
-        self.write(text);
-        self.flush();
-    }
-
-    /// Writes without flushing: a burst of events goes out in few writes.
-    fn write(&self, text: String) {
-        match &self.printer {
-            Some(p) => {
+        match self {
+            Out::Editor(p) => {
                 let _ = p.lock().unwrap_or_else(|e| e.into_inner()).print(text);
             }
-            None => {
-                let _ = writeln!(std::io::stdout().lock(), "{text}");
-            }
+            Out::Stdout(out) => out.line(text),
         }
     }
 
-    fn flush(&self) {
-        if self.printer.is_none() {
-            let _ = std::io::stdout().lock().flush();
+    /// Waits until everything shown so far has been written.
+    fn drain(&self) {
+        if let Out::Stdout(out) = self {
+            out.drain();
         }
     }
 }
@@ -393,14 +388,12 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         std::io::stdin().is_terminal() && std::io::stdout().is_terminal() && !args.json;
     let (lines, out) = if interactive {
         let (lines, printer) = editor(shutdown.clone())?;
-        (
-            lines,
-            Out {
-                printer: Some(Arc::new(Mutex::new(printer))),
-            },
-        )
+        (lines, Out::Editor(Arc::new(Mutex::new(printer))))
     } else {
-        (corokit_common::stdin::lines(), Out { printer: None })
+        (
+            corokit_common::stdin::lines(),
+            Out::Stdout(corokit_common::stdout::stdout()),
+        )
     };
     if args.json {
         out.line(serde_json::json!({"event": "listening", "time": now(), "addr": node.local_addr()?.to_string(), "nick": node.nick()}).to_string());
@@ -421,23 +414,12 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     {
         let (out, log, json) = (out.clone(), log.clone(), args.json);
         corokit_common::spawn(move || {
-            loop {
-                let event = match events.try_recv() {
-                    Some(e) => e,
-                    None => {
-                        // Caught up: flush, then wait.
-                        out.flush();
-                        match events.recv() {
-                            Some(e) => e,
-                            None => return,
-                        }
-                    }
-                };
+            while let Some(event) = events.recv() {
                 if let Event::Message { from, nick, text } = &event {
                     log.write("in", *from, nick, text);
                 }
                 if let Some(line) = render(&event, json) {
-                    out.write(line);
+                    out.line(line);
                 }
             }
         })?;
@@ -470,6 +452,7 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
 
     shutdown.wait();
     node.stop();
+    out.drain();
     // Let the goodbyes leave before the process ends.
     corokit_common::sleep(Duration::from_millis(50));
     Ok(ExitCode::SUCCESS)

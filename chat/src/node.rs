@@ -126,6 +126,11 @@ const REORDER_WINDOW: u64 = 1024;
 /// Unacknowledged datagrams per destination before `send` waits, and the receive window a
 /// sender assumes before the first acknowledgement tells it the real one.
 const SEND_WINDOW: usize = 4096;
+/// The congestion window a destination starts with, and the least it shrinks to: datagrams in
+/// flight. A burst larger than the receiver's socket buffer (a few hundred small datagrams by
+/// default) is mostly lost, and retransmitting all of it at once is lost again.
+const INITIAL_CWND: usize = 64;
+const MIN_CWND: usize = 8;
 /// A sender told it has less room than this is sent window updates as the user catches up.
 const LOW_ROOM: usize = SOURCE_QUEUE / 2;
 /// Sources tracked by the rate limiter before it starts afresh.
@@ -149,6 +154,9 @@ struct Outgoing {
     /// The receive window: the highest sequence the destination said it has room for.
     limit: u64,
     last_ack: Instant,
+    /// Datagrams allowed in flight: one more per acknowledgement (doubling each round trip),
+    /// halved when a round of retransmissions shows loss.
+    cwnd: usize,
 }
 
 impl Outgoing {
@@ -159,6 +167,7 @@ impl Outgoing {
             messages: HashMap::new(),
             limit: SEND_WINDOW as u64,
             last_ack: Instant::now(),
+            cwnd: INITIAL_CWND,
         }
     }
 
@@ -166,7 +175,7 @@ impl Outgoing {
     /// no acknowledgement for `probe_after`, one message goes anyway: its acknowledgement
     /// brings a fresh window if a window update was lost.
     fn must_wait(&self, datagrams: usize, probe_after: Duration) -> bool {
-        if self.pending.len() >= SEND_WINDOW {
+        if self.pending.len() >= self.cwnd {
             return true;
         }
         let over = self.next_seq + datagrams as u64 - 1 > self.limit;
@@ -675,6 +684,18 @@ impl Node {
         if p.instance == self.inner.instance {
             return; // our own broadcast, come back
         }
+        if p.kind == Kind::Bye {
+            // Goodbyes come directly and by broadcast: only the first finds the peer, and
+            // none may bring it back as a join.
+            if let Some(peer) = lock(&self.inner.peers).remove(from) {
+                self.emit(Event::Leave {
+                    addr: from,
+                    nick: peer.nick.unwrap_or_default(),
+                    expired: false,
+                });
+            }
+            return;
+        }
         let joined =
             lock(&self.inner.peers).seen(from, Some(p.instance), Some(&p.nick), Protocol::Chat);
         if joined {
@@ -691,16 +712,7 @@ impl Node {
         }
         match p.kind {
             Kind::Hello => self.send_packet(from, &self.control(Kind::HelloReply)),
-            Kind::HelloReply | Kind::Sealed => {}
-            Kind::Bye => {
-                if let Some(peer) = lock(&self.inner.peers).remove(from) {
-                    self.emit(Event::Leave {
-                        addr: from,
-                        nick: peer.nick.unwrap_or_default(),
-                        expired: false,
-                    });
-                }
-            }
+            Kind::HelloReply | Kind::Sealed | Kind::Bye => {}
             Kind::Ack => self.acknowledged(from, p.seq, p.window()),
             Kind::Msg => self.received_msg(p, from),
         }
@@ -730,6 +742,7 @@ impl Node {
             let Some(pending) = out.pending.remove(&seq) else {
                 return;
             };
+            out.cwnd = (out.cwnd + 1).min(SEND_WINDOW);
             let message = pending.message;
             match out.messages.get_mut(&message) {
                 Some((left, _)) if *left > 1 => {
@@ -898,12 +911,21 @@ impl Node {
                     if !dead.is_empty() {
                         gave_up.push((to, base));
                     }
+                    // At most a window's worth at once; the rest are due again next tick and
+                    // lose no try for the wait.
+                    let mut budget = out.cwnd;
+                    let mut lost = false;
                     for pending in out.pending.values_mut() {
                         if pending.next_at > now {
                             continue;
                         }
+                        if budget == 0 {
+                            break;
+                        }
+                        budget -= 1;
                         if !std::mem::take(&mut pending.parked) {
                             pending.tries += 1;
+                            lost = true;
                         }
                         // Doubling up to 16 times the first wait, then steady.
                         let backoff = self.inner.config.retry_base * (1 << pending.tries.min(4));
@@ -912,6 +934,9 @@ impl Node {
                         // anything given up since the first send.
                         wire::set_base(&mut pending.plain, base);
                         resend.push((to, pending.plain.clone()));
+                    }
+                    if lost {
+                        out.cwnd = (out.cwnd / 2).max(MIN_CWND);
                     }
                 }
             }
@@ -936,6 +961,14 @@ impl Node {
             if now >= next_presence {
                 next_presence = now + self.inner.config.presence_every;
                 self.announce(Kind::Hello);
+                // Directly too: peers added by hand, or on another subnet, hear no broadcast,
+                // and would otherwise expire while both ends are running.
+                let presence = self.control(Kind::HelloReply);
+                for peer in self.peers() {
+                    if peer.protocol == Protocol::Chat {
+                        self.send_packet(peer.addr, &presence);
+                    }
+                }
                 let expired = lock(&self.inner.peers).expire(self.inner.config.expire_after);
                 for peer in expired {
                     if peer.protocol == Protocol::Chat {
@@ -958,4 +991,79 @@ impl Node {
 /// because every section leaves the data consistent before anything can panic.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(nick: &str) -> (Node, Events, SocketAddr) {
+        corokit_common::init();
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let config = Config {
+            nick: nick.into(),
+            presence_every: Duration::from_millis(100),
+            expire_after: Duration::from_millis(600),
+            ..Config::default()
+        };
+        let (node, events) = Node::start(socket, config).unwrap();
+        let addr = node.local_addr().unwrap();
+        (node, events, addr)
+    }
+
+    /// Every event within `time`.
+    fn events_for(events: &Events, time: Duration) -> Vec<Event> {
+        let until = Instant::now() + time;
+        let mut seen = Vec::new();
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            match events.recv_timeout(left) {
+                Some(e) => seen.push(e),
+                None => break,
+            }
+        }
+        seen.extend(std::iter::from_fn(|| events.try_recv()));
+        seen
+    }
+
+    #[test]
+    fn presence_keeps_running_peers_and_silent_ones_expire() {
+        let (ana, ana_events, ana_addr) = node("ana");
+        let (bob, bob_events, bob_addr) = node("bob");
+        // Added by hand, no discovery: only direct presence keeps them known to each other.
+        ana.hello(bob_addr);
+        let ghost = UdpSocket::bind("127.0.0.1:0").unwrap();
+        ghost
+            .send_to(
+                &Packet::control(Kind::Hello, 99, "ghost").encode(),
+                ana_addr,
+            )
+            .unwrap();
+        let ghost_addr = ghost.local_addr().unwrap();
+        // Three expiry periods: the ghost said hello once and is gone; bob and ana stay.
+        let at_ana = events_for(&ana_events, Duration::from_millis(1800));
+        let at_bob = events_for(&bob_events, Duration::ZERO);
+        let joined = |seen: &[Event], who: SocketAddr| {
+            seen.iter()
+                .any(|e| matches!(e, Event::Join { addr, .. } if *addr == who))
+        };
+        let left = |seen: &[Event], who: SocketAddr| {
+            seen.iter()
+                .any(|e| matches!(e, Event::Leave { addr, .. } if *addr == who))
+        };
+        assert!(
+            joined(&at_ana, bob_addr) && joined(&at_ana, ghost_addr),
+            "{at_ana:?}"
+        );
+        assert!(joined(&at_bob, ana_addr), "{at_bob:?}");
+        assert!(
+            at_ana.iter().any(|e| matches!(e,
+                Event::Leave { addr, expired: true, .. } if *addr == ghost_addr)),
+            "the silent peer did not expire: {at_ana:?}"
+        );
+        assert!(!left(&at_ana, bob_addr), "{at_ana:?}");
+        assert!(!left(&at_bob, ana_addr), "{at_bob:?}");
+        assert_eq!(ana.peers().len(), 1);
+        ana.stop();
+        bob.stop();
+    }
 }

@@ -57,11 +57,12 @@ impl Chat {
 
     fn spawn(mut cmd: Command, args: &[&str], env: &[(&str, &str)]) -> Chat {
         corokit_common::init();
-        let dir = tempfile::tempdir().unwrap().keep();
+        if !args.contains(&"--peers-file") {
+            let dir = tempfile::tempdir().unwrap().keep();
+            cmd.arg("--peers-file").arg(dir.join("peers"));
+        }
         let mut child = cmd
             .arg("--json")
-            .arg("--peers-file")
-            .arg(dir.join("peers"))
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::piped())
@@ -574,6 +575,37 @@ fn chat_send_waits_for_the_acknowledgement() {
 }
 
 #[test]
+fn peers_added_by_hand_are_greeted_again_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("peers");
+    let file = file.to_str().unwrap();
+    let mut b = Chat::start(&["--name", "bob"]);
+    let a = Chat::start(&[
+        "--name",
+        "ana",
+        "--peers-file",
+        file,
+        "--to",
+        &b.addr.to_string(),
+    ]);
+    b.joined(a.addr);
+    let first = a.addr.to_string();
+    assert_eq!(a.terminate(), 0);
+    b.wait_for("the goodbye", |v| {
+        v["event"] == "leave" && v["from"] == first.as_str()
+    });
+    // No --to this time: bob is remembered, greeted, and gets a plain line as a chat peer.
+    let mut again = Chat::start(&["--name", "ana again", "--peers-file", file]);
+    b.joined(again.addr);
+    again.joined(b.addr);
+    again.say("back again");
+    let aa = again.addr;
+    b.wait_for("the line", |v| {
+        msg_from(v, aa, "back again") && v["nick"] == "ana again"
+    });
+}
+
+#[test]
 fn a_port_in_use_is_a_clear_error() {
     let a = Chat::start(&[]);
     let out = Command::new(env!("CARGO_BIN_EXE_chat"))
@@ -719,9 +751,15 @@ impl Lan {
             .is_ok_and(|o| o.status.success())
     }
 
-    /// Two hosts, 10.213.77.1 and .2 on one link; `None` where namespaces are not permitted.
+    /// Two hosts, 10.213.77.1 and .2 on one link, with IPv6 link-local addresses usable at
+    /// once (no duplicate address detection); `None` where namespaces are not permitted.
     fn two_hosts() -> Option<Lan> {
-        let id = std::process::id();
+        static LANS: AtomicUsize = AtomicUsize::new(0);
+        let id = format!(
+            "{}x{}",
+            std::process::id(),
+            LANS.fetch_add(1, Ordering::SeqCst)
+        );
         let (br, h1, h2) = (
             format!("ckbr{id}"),
             format!("ckh1{id}"),
@@ -733,8 +771,12 @@ impl Lan {
         if !Lan::ip(&["netns", "add", &br]) {
             return None;
         }
+        let no_dad = "echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad";
         let ok = Lan::ip(&["netns", "add", &h1])
             && Lan::ip(&["netns", "add", &h2])
+            && [&h1, &h2]
+                .iter()
+                .all(|h| Lan::ip(&["netns", "exec", h, "sh", "-c", no_dad]))
             && Lan::ip(&["-n", &br, "link", "add", "br0", "type", "bridge"])
             && Lan::ip(&["-n", &br, "link", "set", "br0", "up"])
             && [(&h1, "1"), (&h2, "2")].iter().all(|(h, n)| {
@@ -782,5 +824,43 @@ fn instances_on_two_hosts_discover_each_other() {
     });
     assert_eq!(one.terminate(), 0);
     two.wait_for("the goodbye", |v| v["event"] == "leave" && v["from"] == at1);
+    drop(two);
+}
+
+#[test]
+fn instances_on_two_hosts_discover_each_other_over_ipv6() {
+    let Some(lan) = Lan::two_hosts() else {
+        eprintln!("skipped: creating network namespaces is not permitted here");
+        return;
+    };
+    let (h1, h2) = (lan.names[1].clone(), lan.names[2].clone());
+    let mut one = Chat::start_in(&h1, &["--name", "one", "--bind", "::"]);
+    let mut two = Chat::start_in(&h2, &["--name", "two", "--bind", "::"]);
+    // Found through the all-nodes link-local group ff02::1, so from a link-local address.
+    let found = |nick: &'static str| {
+        move |v: &Value| {
+            v["event"] == "join"
+                && v["nick"] == nick
+                && v["from"].as_str().is_some_and(|a| a.starts_with("[fe80::"))
+        }
+    };
+    let at2 = one.wait_for("two found", found("two"))["from"].clone();
+    let at1 = two.wait_for("one found", found("one"))["from"].clone();
+    one.say("hello over IPv6");
+    two.wait_for("the message", |v| {
+        v["event"] == "message" && v["from"] == at1 && v["text"] == "hello over IPv6"
+    });
+    assert_eq!(one.terminate(), 0);
+    two.wait_for("the goodbye", |v| v["event"] == "leave" && v["from"] == at1);
+    // The goodbye comes directly and by multicast; the second copy must not bring one back.
+    two.messages(Duration::from_millis(500));
+    let after_leave: Vec<&Value> = two
+        .seen
+        .iter()
+        .skip_while(|v| v["event"] != "leave")
+        .filter(|v| v["event"] == "join")
+        .collect();
+    assert!(after_leave.is_empty(), "one came back: {after_leave:?}");
+    assert_ne!(at1, at2);
     drop(two);
 }

@@ -3,7 +3,8 @@
 //! Every binary, example and test starts with [`init`]; after that, code written in plain
 //! blocking style yields to other coroutines on every wait, provided it only waits through
 //! what this crate and `may` offer. Calls that would block a worker thread (DNS lookups,
-//! stdin reads, other blocking syscalls) live in [`blocking`] and [`stdin`], and nowhere else.
+//! stdin reads, stdout writes, other blocking syscalls) live in [`blocking`], [`stdin`] and
+//! [`stdout`], and nowhere else.
 
 pub mod blocking;
 mod error;
@@ -11,6 +12,7 @@ pub mod http;
 pub mod runtime;
 pub mod shutdown;
 pub mod stdin;
+pub mod stdout;
 
 pub use blocking::{offload, Dns, Lookup};
 pub use error::Error;

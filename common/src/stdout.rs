@@ -1,0 +1,84 @@
+//! Standard output for coroutines.
+//!
+//! A write to a pipe whose reader has stopped reading blocks the writing thread; on a may
+//! worker that stalls every coroutine scheduled there (a chat node would stop acknowledging).
+//! A dedicated OS thread does the writes. Coroutines hand it lines and park, without blocking
+//! their worker, only while [`BACKLOG`] lines are already waiting: a stalled reader slows the
+//! producer down instead of growing memory.
+#![allow(clippy::disallowed_methods)]
+
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use may::sync::{mpsc, Semphore};
+
+/// Lines handed over but not yet written.
+pub const BACKLOG: usize = 1024;
+
+enum Item {
+    Line(String),
+    /// Answered once everything before it has been written and flushed.
+    Drained(mpsc::Sender<()>),
+}
+
+/// A handle on the writer thread; clones share it.
+#[derive(Clone)]
+pub struct Stdout {
+    tx: mpsc::Sender<Item>,
+    free: Arc<Semphore>,
+}
+
+impl Stdout {
+    /// Queues `line` (a newline is added). Output is flushed whenever the writer catches up,
+    /// so a burst of lines costs few writes.
+    pub fn line(&self, line: String) {
+        self.free.wait();
+        let _ = self.tx.send(Item::Line(line));
+    }
+
+    /// Waits until every line queued so far is written: call it before the process exits.
+    pub fn drain(&self) {
+        let (tx, rx) = mpsc::channel();
+        if self.tx.send(Item::Drained(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+}
+
+/// Starts the writer thread for the process's standard output. Call it once per process.
+pub fn stdout() -> Stdout {
+    write_lines(io::stdout())
+}
+
+/// Starts a writer thread for `sink`. Write errors (a closed pipe) drop the output, never
+/// the producer: it keeps going as if the lines were written.
+pub fn write_lines<W: Write + Send + 'static>(sink: W) -> Stdout {
+    let (tx, rx) = mpsc::channel::<Item>();
+    let free = Arc::new(Semphore::new(BACKLOG));
+    let writer_free = free.clone();
+    let writer = move || {
+        let mut sink = io::BufWriter::with_capacity(64 * 1024, sink);
+        while let Ok(first) = rx.recv() {
+            let mut next = Some(first);
+            while let Some(item) = next.take() {
+                match item {
+                    Item::Line(line) => {
+                        writer_free.post();
+                        let _ = writeln!(sink, "{line}");
+                    }
+                    Item::Drained(done) => {
+                        let _ = sink.flush();
+                        let _ = done.send(());
+                    }
+                }
+                next = rx.try_recv().ok();
+            }
+            let _ = sink.flush();
+        }
+    };
+    // Without a thread there is nowhere to write: lines are dropped, nothing blocks.
+    let _ = std::thread::Builder::new()
+        .name("corokit-stdout".into())
+        .spawn(writer);
+    Stdout { tx, free }
+}

@@ -162,7 +162,7 @@ impl Context {
                 (true, None)
             } else {
                 match paths.load() {
-                    StateRecord::Valid(s) if s.url == url => (true, Some(s)),
+                    StateRecord::Valid(s) if s.belongs_to(url) => (true, Some(s)),
                     StateRecord::Valid(_) | StateRecord::None => (false, None),
                     // fetch's own file, torn by a crash: whatever it was, it starts over.
                     StateRecord::Unreadable => (true, None),
@@ -495,6 +495,7 @@ fn attempt<'a>(
                 last_modified: header(&rsp, "Last-Modified").map(str::to_string),
                 length: rsp.body().content_length(),
                 complete: false,
+                url_hash: None,
             };
             if state.length.is_some_and(|l| l <= SMALL_BODY) {
                 return receive_small(ctx, entry, claim, rsp, state, record);
@@ -556,7 +557,8 @@ fn receive_small(
     record: &mut Record,
 ) -> Result<(), Failure> {
     state.complete = true;
-    let mut body = Vec::new();
+    // The length is at most SMALL_BODY here: one allocation, no regrowth.
+    let mut body = Vec::with_capacity(state.length.unwrap_or(0) as usize + 1);
     rsp.into_body()
         .into_reader()
         .take(SMALL_BODY + 1)
@@ -576,12 +578,10 @@ fn receive_small(
             want,
         )?);
     }
-    let paths = &claim.paths;
-    fs::write(&paths.part, &body).map_err(disk("writing", &paths.part))?;
-    fs::rename(&paths.part, &paths.done).map_err(disk("renaming", &paths.part))?;
-    paths
-        .save(&state)
-        .map_err(disk("recording the state of", &paths.done))?;
+    claim
+        .paths
+        .write_complete(&body, &state)
+        .map_err(disk("writing", &claim.paths.done))?;
     claim.state = Some(state);
     record.bytes = body.len() as u64;
     Ok(())

@@ -11,9 +11,13 @@
 //! The state is set before the first byte goes to `.part`, so a partial file always has the
 //! validators needed to continue it safely with `If-Range`. A state that cannot be parsed
 //! (torn by a crash, or edited) only makes that download start over.
+//!
+//! A complete file needs only its owner and length, so its state is the short form
+//! `done LENGTH URLHASH` (the first 96 bits of the URL's SHA-256, in hex): short enough to
+//! stay inside an ext4 inode, where the JSON form needs a block of its own.
 
-use std::fs;
-use std::io;
+use std::fs::{self, File};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -30,9 +34,20 @@ pub struct State {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub length: Option<u64>,
     pub complete: bool,
+    /// What the short form of a complete file keeps instead of `url`.
+    #[serde(skip)]
+    pub url_hash: Option<String>,
 }
 
 impl State {
+    /// True if this is the state of a download of `url`.
+    pub fn belongs_to(&self, url: &str) -> bool {
+        match &self.url_hash {
+            Some(hash) => *hash == url_hash(url),
+            None => self.url == url,
+        }
+    }
+
     /// The validator to send in `If-Range`: a strong ETag, else Last-Modified. A weak ETag
     /// cannot be used for ranges (RFC 9110 §13.1.5).
     pub fn validator(&self) -> Option<&str> {
@@ -84,22 +99,114 @@ impl Paths {
     /// Records `state` on the file it describes (`NAME` when complete, else `NAME.part`),
     /// which must exist.
     pub fn save(&self, state: &State) -> io::Result<()> {
-        let json = serde_json::to_vec(state).map_err(io::Error::other)?;
+        let value = encode(state)?;
         let file = if state.complete {
             &self.done
         } else {
             &self.part
         };
-        match xattr::set(file, XATTR, &json) {
+        match xattr::set(file, XATTR, &value) {
             Ok(()) => Ok(()),
-            Err(e) if unsupported(&e) => fs::write(&self.state, json),
+            Err(e) if unsupported(&e) => fs::write(&self.state, value),
             Err(e) => Err(e),
         }
     }
+
+    /// Puts a whole download, already verified, at `NAME` with its complete state. Where
+    /// the filesystem allows, an unnamed file is written, given its state and then linked in:
+    /// one directory entry made, none renamed, and nothing left behind by a crash. Elsewhere
+    /// (or when `NAME` exists) it goes through `.part` and a rename.
+    pub fn write_complete(&self, body: &[u8], state: &State) -> io::Result<()> {
+        if self.link_new(body, state)? {
+            return Ok(());
+        }
+        fs::write(&self.part, body)?;
+        fs::rename(&self.part, &self.done)?;
+        self.save(state)
+    }
+
+    /// False where unnamed files or user xattrs are not supported, or `NAME` exists.
+    #[cfg(target_os = "linux")]
+    fn link_new(&self, body: &[u8], state: &State) -> io::Result<bool> {
+        use rustix::fs::{linkat, openat, AtFlags, Mode, OFlags, CWD};
+        use std::os::fd::AsRawFd;
+        use xattr::FileExt;
+
+        let dir = match self.done.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let flags = OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC;
+        let Ok(fd) = openat(CWD, dir, flags, Mode::from_raw_mode(0o666)) else {
+            return Ok(false);
+        };
+        let mut file = File::from(fd);
+        file.write_all(body)?;
+        match file.set_xattr(XATTR, &encode(state)?) {
+            Ok(()) => {}
+            Err(e) if unsupported(&e) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        let unnamed = format!("/proc/self/fd/{}", file.as_raw_fd());
+        Ok(linkat(
+            CWD,
+            unnamed.as_str(),
+            CWD,
+            &self.done,
+            AtFlags::SYMLINK_FOLLOW,
+        )
+        .is_ok())
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn link_new(&self, _body: &[u8], _state: &State) -> io::Result<bool> {
+        Ok(false)
+    }
 }
 
-fn parse(json: &[u8]) -> Record {
-    serde_json::from_slice(json).map_or(Record::Unreadable, Record::Valid)
+/// The stored form: short for a complete file of known length, else JSON.
+fn encode(state: &State) -> io::Result<Vec<u8>> {
+    match (state.complete, state.length, &state.url_hash) {
+        (true, Some(length), Some(hash)) => Ok(format!("done {length} {hash}").into_bytes()),
+        (true, Some(length), None) => {
+            Ok(format!("done {length} {}", url_hash(&state.url)).into_bytes())
+        }
+        _ => serde_json::to_vec(state).map_err(io::Error::other),
+    }
+}
+
+fn parse(value: &[u8]) -> Record {
+    if let Some(short) = value.strip_prefix(b"done ") {
+        let text = std::str::from_utf8(short).unwrap_or("");
+        let mut parts = text.split(' ');
+        return match (
+            parts.next().map(str::parse::<u64>),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some(Ok(length)), Some(hash), None)
+                if hash.len() == 24 && hash.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                Record::Valid(State {
+                    length: Some(length),
+                    complete: true,
+                    url_hash: Some(hash.to_string()),
+                    ..State::default()
+                })
+            }
+            _ => Record::Unreadable,
+        };
+    }
+    serde_json::from_slice(value).map_or(Record::Unreadable, Record::Valid)
+}
+
+/// The first 96 bits of the URL's SHA-256, in hex.
+fn url_hash(url: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, url.as_bytes());
+    digest.as_ref()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The filesystem (or the platform) has no user extended attributes.
@@ -170,6 +277,7 @@ mod tests {
             last_modified: None,
             length: Some(5),
             complete,
+            url_hash: None,
         }
     }
 
@@ -228,7 +336,14 @@ mod tests {
             "the rename lost the state"
         );
         paths.save(&state(true)).unwrap();
-        assert_eq!(paths.load(), Record::Valid(state(true)));
+        let Record::Valid(done) = paths.load() else {
+            panic!("the complete state was not read back");
+        };
+        assert!(done.complete && done.length == Some(5) && done.belongs_to("http://h/f"));
+        assert!(!done.belongs_to("http://h/g"));
+        // Short enough to stay in the inode.
+        let raw = xattr::get(&paths.done, XATTR).unwrap().unwrap();
+        assert!(raw.len() <= 56, "{}", String::from_utf8_lossy(&raw));
         // A new partial download over the complete copy takes precedence.
         fs::write(&paths.part, b"").unwrap();
         let mut newer = state(false);
@@ -241,5 +356,60 @@ mod tests {
             !paths.state.exists(),
             "a sidecar was written where xattrs work"
         );
+    }
+}
+
+#[cfg(test)]
+mod complete_files {
+    use super::*;
+
+    #[test]
+    fn a_whole_download_appears_at_once_with_its_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(dir.path(), "f.bin");
+        let state = State {
+            url: "http://h/f.bin".into(),
+            length: Some(3),
+            complete: true,
+            ..State::default()
+        };
+        paths.write_complete(b"abc", &state).unwrap();
+        assert_eq!(fs::read(&paths.done).unwrap(), b"abc");
+        assert!(!paths.part.exists());
+        assert_eq!(
+            plan(
+                &paths,
+                match &paths.load() {
+                    Record::Valid(s) if s.belongs_to("http://h/f.bin") => Some(s),
+                    other => panic!("{other:?}"),
+                }
+            ),
+            Plan::Skip
+        );
+        // An older copy at NAME is replaced, not kept.
+        paths
+            .write_complete(
+                b"abcd",
+                &State {
+                    length: Some(4),
+                    ..state
+                },
+            )
+            .unwrap();
+        assert_eq!(fs::read(&paths.done).unwrap(), b"abcd");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_damaged_short_form_is_unreadable() {
+        assert_eq!(parse(b"done 12 nothex"), Record::Unreadable);
+        assert_eq!(
+            parse(b"done x 0123456789abcdef01234567"),
+            Record::Unreadable
+        );
+        assert!(matches!(
+            parse(b"done 12 0123456789abcdef01234567"),
+            Record::Valid(_)
+        ));
     }
 }

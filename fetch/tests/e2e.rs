@@ -213,12 +213,13 @@ fn a_partial_file_that_was_already_whole_is_finished_on_416() {
     // Make it look as if the last run stopped after the last byte, before the rename.
     let done = out(dir.path(), "whole.bin");
     let part = out(dir.path(), "whole.bin.part");
-    let json = xattr::get(&done, "user.corokit.fetch")
+    let recorded = xattr::get(&done, "user.corokit.fetch")
         .unwrap()
         .expect("the state is on the file");
-    let mut state: serde_json::Value = serde_json::from_slice(&json).unwrap();
-    assert_eq!(state["complete"], true);
-    state["complete"] = false.into();
+    assert!(recorded.starts_with(b"done 5000 "), "{recorded:?}");
+    let state = serde_json::json!({
+        "url": list.trim(), "etag": "\"x\"", "length": 5000, "complete": false
+    });
     std::fs::rename(&done, &part).unwrap();
     xattr::set(&part, "user.corokit.fetch", state.to_string().as_bytes()).unwrap();
 
@@ -721,4 +722,59 @@ fn a_million_line_list_is_read_lazily_in_flat_memory() {
         big_rss < small_rss + 16 * 1024,
         "RSS {big_rss} KiB for 1,000,000 lines vs {small_rss} KiB for 1,000"
     );
+}
+
+#[test]
+fn content_disposition_names_files_safely_when_asked() {
+    let offered = [
+        "attachment; filename=\"report.pdf\"",
+        "attachment; filename=a.txt; filename*=UTF-8''r%C3%A9sum%C3%A9.pdf",
+        "attachment; filename=\"../../escape.sh\"",
+        "attachment; filename=\"report.pdf\"",
+    ];
+    let server = Server::start(move |req| {
+        let i: usize = req.path.trim_start_matches("/get/").parse().unwrap_or(0);
+        Response::ok(content(i)).header("Content-Disposition", offered[i % offered.len()])
+    });
+    let list: String = (0..4).map(|i| server.url(&format!("/get/{i}\n"))).collect();
+    let names = |dir: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir.join("out"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+
+    // Without the flag the URL names the file.
+    let plain = tempfile::tempdir().unwrap();
+    assert_eq!(run_fetch(plain.path(), &list, &[]).code, 0);
+    assert_eq!(names(plain.path()), ["0", "1", "2", "3"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let run = run_fetch(dir.path(), &list, &["--content-disposition"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let want = [
+        "_._.._escape.sh",
+        "report.1.pdf",
+        "report.pdf",
+        "résumé.pdf",
+    ];
+    assert_eq!(names(dir.path()), want);
+    let read = |name: &str| std::fs::read(out(dir.path(), name)).unwrap();
+    assert!(read("résumé.pdf") == content(1));
+    assert!(read("_._.._escape.sh") == content(2));
+    // Two downloads offered report.pdf; whichever came second was numbered.
+    let (first, second) = (read("report.pdf"), read("report.1.pdf"));
+    assert!(
+        (first == content(0) && second == content(3))
+            || (first == content(3) && second == content(0)),
+        "report.pdf and report.1.pdf are not the two downloads that offered the name"
+    );
+    assert!(run.stderr.contains("not safe"), "{}", run.stderr);
+    assert!(!dir.path().join("escape.sh").exists());
+    // A second run finds the same names again instead of numbering new copies.
+    let again = run_fetch(dir.path(), &list, &["--content-disposition"]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(names(dir.path()), want);
 }

@@ -38,6 +38,10 @@ impl Shutdown {
 
     /// The process's flag, fired by Ctrl-C (SIGINT), SIGTERM and SIGHUP. The handler is
     /// installed on the first call; later calls return the same flag.
+    ///
+    /// A signal the process started with ignored stays ignored: a shell starts background
+    /// jobs of a script with SIGINT ignored, and `nohup` ignores SIGHUP, so that the job
+    /// outlives a Ctrl-C in the terminal or the terminal itself.
     pub fn on_signals() -> Result<Shutdown, Error> {
         static SIGNALS: OnceLock<Shutdown> = OnceLock::new();
         if let Some(s) = SIGNALS.get() {
@@ -45,7 +49,17 @@ impl Shutdown {
         }
         let shutdown = Shutdown::new();
         let fired = shutdown.clone();
-        ctrlc::try_set_handler(move || fired.request())?;
+        let ignored: Vec<libc::c_int> = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP]
+            .into_iter()
+            .filter(|&sig| is_ignored(sig))
+            .collect();
+        // ctrlc refuses to install over any handler, SIG_IGN included: install over them,
+        // then put the ignored ones back.
+        ctrlc::set_handler(move || fired.request())?;
+        for sig in ignored {
+            // SAFETY: SIG_IGN is a valid disposition for these catchable signals.
+            unsafe { libc::signal(sig, libc::SIG_IGN) };
+        }
         Ok(SIGNALS.get_or_init(|| shutdown).clone())
     }
 
@@ -67,5 +81,14 @@ impl Shutdown {
     /// that should pause between tries uses this instead of `sleep` so it stops at once.
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
         self.flag.wait_timeout(timeout)
+    }
+}
+
+/// True if `sig` is currently ignored.
+fn is_ignored(sig: libc::c_int) -> bool {
+    // SAFETY: with a null new action, sigaction only reads the disposition into `old`.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
     }
 }

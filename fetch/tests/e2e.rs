@@ -655,6 +655,38 @@ fn ctrl_c_stops_cleanly_and_keeps_partial_files() {
     );
 }
 
+#[test]
+fn a_background_job_keeps_the_signals_it_was_told_to_ignore() {
+    let server =
+        Server::start(|req| Response::ok(vec![5u8; 1000]).delay(Duration::from_millis(300)));
+    let dir = tempfile::tempdir().unwrap();
+    let list: String = (0..4).map(|i| server.url(&format!("/bg{i}\n"))).collect();
+    std::fs::write(dir.path().join("urls.txt"), &list).unwrap();
+    // As a script's `fetch ... &` under `nohup`: SIGINT and SIGHUP ignored from the start.
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg("trap '' INT HUP; exec \"$0\" \"$1\" -o \"$2\"")
+        .arg(env!("CARGO_BIN_EXE_fetch"))
+        .arg(dir.path().join("urls.txt"))
+        .arg(dir.path().join("out"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    corokit_common::sleep(Duration::from_millis(150));
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    for i in 0..4 {
+        assert_eq!(
+            std::fs::read(out(dir.path(), &format!("bg{i}"))).unwrap(),
+            vec![5u8; 1000]
+        );
+    }
+}
+
 /// How far `pid` has read into its open file `path`, and its resident memory in KiB.
 fn read_position_and_rss(pid: u32, path: &Path) -> Option<(Option<u64>, u64)> {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;

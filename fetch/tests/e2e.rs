@@ -658,7 +658,7 @@ fn ctrl_c_stops_cleanly_and_keeps_partial_files() {
 #[test]
 fn a_background_job_keeps_the_signals_it_was_told_to_ignore() {
     let server =
-        Server::start(|req| Response::ok(vec![5u8; 1000]).delay(Duration::from_millis(300)));
+        Server::start(|_req| Response::ok(vec![5u8; 1000]).delay(Duration::from_millis(300)));
     let dir = tempfile::tempdir().unwrap();
     let list: String = (0..4).map(|i| server.url(&format!("/bg{i}\n"))).collect();
     std::fs::write(dir.path().join("urls.txt"), &list).unwrap();

@@ -6,7 +6,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use corokit_testkit::{Fault, Request, Response, Server, TestCert};
+use corokit_testkit::{ConnectProxy, Fault, Request, Response, Server, TestCert};
 
 const LM: &str = "Sun, 22 Nov 2026 01:00:00 GMT";
 
@@ -809,4 +809,41 @@ fn content_disposition_names_files_safely_when_asked() {
     let again = run_fetch(dir.path(), &list, &["--content-disposition"]);
     assert_eq!(again.code, 0, "{}", again.stderr);
     assert_eq!(names(dir.path()), want);
+}
+
+#[test]
+fn proxies_come_from_the_environment_and_no_proxy_is_honoured() {
+    let server = files_server();
+    let proxy = ConnectProxy::start();
+    let dir = tempfile::tempdir().unwrap();
+    let list = server.url("/f/7.bin\n");
+    std::fs::write(dir.path().join("urls.txt"), &list).unwrap();
+    let run = |out_dir: &str, no_proxy: &str| {
+        let output = fetch_bin()
+            .arg(dir.path().join("urls.txt"))
+            .arg("-o")
+            .arg(dir.path().join(out_dir))
+            .env_remove("HTTP_PROXY")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
+            .env("http_proxy", proxy.url())
+            .env("NO_PROXY", no_proxy)
+            .output()
+            .unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(std::fs::read(dir.path().join(out_dir).join("7.bin")).unwrap() == content(7));
+    };
+    run("via-proxy", "");
+    assert_eq!(
+        proxy.tunnels(),
+        1,
+        "the download did not go through the proxy"
+    );
+    run("direct", "127.0.0.1");
+    assert_eq!(proxy.tunnels(), 1, "NO_PROXY was not honoured");
 }

@@ -579,6 +579,9 @@ impl Node {
                 return;
             }
             let Ok((n, from)) = received else { continue };
+            // On a dual-stack socket IPv4 senders arrive as ::ffff:a.b.c.d; shown and
+            // answered as the IPv4 addresses they are.
+            let from = SocketAddr::new(from.ip().to_canonical(), from.port());
             if n == 0 && from.ip().is_loopback() {
                 continue;
             }

@@ -639,6 +639,23 @@ fn ipv6_loopback_works_like_ipv4() {
 }
 
 #[test]
+fn a_dual_stack_instance_shows_ipv4_senders_as_ipv4() {
+    let mut b = Chat::start(&["--bind", "::", "--name", "bob"]);
+    let port = b.addr.port();
+    let s = udp();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.send_to(b"from a v4 socket", ("127.0.0.1", port)).unwrap();
+    let from = s.local_addr().unwrap();
+    b.wait_for("the plain line", |v| msg_from(v, from, "from a v4 socket"));
+    // And the answer goes back to that IPv4 address.
+    b.say(&format!("/to {from}"));
+    b.say("answer");
+    let mut buf = [0u8; 100];
+    let (n, _) = s.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"answer");
+}
+
+#[test]
 fn the_log_keeps_what_was_sent_and_received() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("chat.jsonl");

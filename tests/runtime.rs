@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use corokit_common::http::HttpOptions;
-use corokit_common::{join_all, spawn, stdin, stdout, Dns, Lookup, Pool, RuntimeConfig, Shutdown};
+use corokit_common::{join_all, output, spawn, stdin, Dns, Lookup, Pool, RuntimeConfig, Shutdown};
 use corokit_testkit::{ConnectProxy, Response, Server, TestCert};
 
 fn one_worker() {
@@ -226,7 +226,7 @@ fn stdin_lines_from_a_pipe_a_file_and_dev_null() {
 fn output_to_a_pipe_nobody_reads_parks_the_writer_not_the_worker() {
     one_worker();
     let (mut reader, writer) = std::io::pipe().unwrap();
-    let out = stdout::write_lines(writer);
+    let out = output::write_lines(writer).unwrap();
     let lines: Vec<String> = (0..5000).map(|i| format!("{i:>99}")).collect();
     let producer = {
         let (out, lines) = (out.clone(), lines.clone());

@@ -215,9 +215,13 @@ fn send_one(common: &Common, to: &str, text: &str) -> anyhow::Result<ExitCode> {
     let (node, events) = start(common, common.port.unwrap_or(0), false)?;
     node.hello(to);
     wait_for_peer(&node, to, Duration::from_secs(1));
-    let outcome = match node.send(to, text)? {
-        Sent::Plain => ExitCode::SUCCESS,
-        Sent::Reliable(id) => loop {
+    let outcome = match node.send(to, text) {
+        Err(e) => {
+            eprintln!("chat: {e}");
+            ExitCode::from(1)
+        }
+        Ok(Sent::Plain) => ExitCode::SUCCESS,
+        Ok(Sent::Reliable(id)) => loop {
             match events.recv_timeout(Duration::from_secs(60)) {
                 Some(Event::Delivered { id: d, .. }) if d == id => break ExitCode::SUCCESS,
                 Some(Event::NotDelivered { id: d, .. }) if d == id => {
@@ -238,7 +242,7 @@ fn send_one(common: &Common, to: &str, text: &str) -> anyhow::Result<ExitCode> {
 #[derive(Clone)]
 enum Out {
     Editor(Arc<Mutex<Box<dyn rustyline::ExternalPrinter + Send>>>),
-    Stdout(corokit_common::stdout::Stdout),
+    Stdout(corokit_common::output::Output),
 }
 
 impl Out {
@@ -392,7 +396,7 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     } else {
         (
             corokit_common::stdin::lines(),
-            Out::Stdout(corokit_common::stdout::stdout()),
+            Out::Stdout(corokit_common::output::stdout()?),
         )
     };
     if args.json {

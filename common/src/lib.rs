@@ -3,16 +3,16 @@
 //! Every binary, example and test starts with [`init`]; after that, code written in plain
 //! blocking style yields to other coroutines on every wait, provided it only waits through
 //! what this crate and `may` offer. Calls that would block a worker thread (DNS lookups,
-//! stdin reads, stdout writes, other blocking syscalls) live in [`blocking`], [`stdin`] and
-//! [`stdout`], and nowhere else.
+//! stdin reads, stdout and stderr writes, other blocking syscalls) live in [`blocking`],
+//! [`stdin`] and [`output`], and nowhere else.
 
 pub mod blocking;
 mod error;
 pub mod http;
+pub mod output;
 pub mod runtime;
 pub mod shutdown;
 pub mod stdin;
-pub mod stdout;
 
 pub use blocking::{offload, Dns, Lookup};
 pub use error::Error;

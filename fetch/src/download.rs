@@ -90,6 +90,9 @@ impl Failure {
     }
 }
 
+/// Hosts whose `--per-host` slots are remembered before idle ones are forgotten.
+const MAX_HOSTS: usize = 4096;
+
 /// What every download shares.
 pub struct Context {
     pub options: Options,
@@ -114,6 +117,17 @@ impl Context {
         }
     }
 
+    /// Counts `n` bytes received and, under `--limit-rate`, waits until they are due.
+    fn received(&self, n: usize) {
+        self.reporter.add_bytes(n as u64);
+        if let Some(rate) = &self.rate {
+            let wait = rate.take(n);
+            if !wait.is_zero() {
+                corokit_common::sleep(wait);
+            }
+        }
+    }
+
     /// A slot for `host` under `--per-host`, freed when dropped.
     fn host_slot(&self, url: &str) -> Option<HostSlot> {
         if self.options.per_host == 0 {
@@ -126,6 +140,11 @@ impl Context {
             .unwrap_or_default();
         let sem = {
             let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+            if hosts.len() >= MAX_HOSTS && !hosts.contains_key(&host) {
+                // Forget the hosts nobody is downloading from, so a list of many hosts
+                // does not grow this map without end.
+                hosts.retain(|_, sem| Arc::strong_count(sem) > 1);
+            }
             hosts
                 .entry(host)
                 .or_insert_with(|| Arc::new(Semphore::new(self.options.per_host)))
@@ -319,17 +338,11 @@ fn run(
         }
         record.attempts += 1;
         let attempt_url = &entry.urls[mirror];
+        // Until a response has been written somewhere, the server may still name the file.
+        let rename = may_rename && claim.state.is_none();
         let result = {
             let _slot = ctx.host_slot(attempt_url);
-            attempt(
-                ctx,
-                entry,
-                attempt_url,
-                &mut claim,
-                may_rename && record.attempts == 1,
-                record,
-                started,
-            )
+            attempt(ctx, entry, attempt_url, &mut claim, rename, record, started)
         };
         let failure = match result {
             Ok(()) => return Ok(Outcome::Ok),
@@ -564,7 +577,7 @@ fn receive_small(
         .take(SMALL_BODY + 1)
         .read_to_end(&mut body)
         .map_err(Failure::from_io)?;
-    ctx.reporter.add_bytes(body.len() as u64);
+    ctx.received(body.len());
     if state.length != Some(body.len() as u64) {
         return Err(Failure::Incomplete(format!(
             "got {} of {} bytes before the connection ended",
@@ -614,13 +627,7 @@ fn receive(
             Err(e) => return Err(Failure::from_io(e)),
         };
         file.write_all(&buf[..n]).map_err(disk("writing", part))?;
-        ctx.reporter.add_bytes(n as u64);
-        if let Some(rate) = &ctx.rate {
-            let wait = rate.take(n);
-            if !wait.is_zero() {
-                corokit_common::sleep(wait);
-            }
-        }
+        ctx.received(n);
         if ctx.shutdown.is_requested() {
             return Err(Failure::Interrupted);
         }
@@ -690,16 +697,12 @@ fn verify(path: &Path, want: &[u8; 32]) -> Result<String, Failure> {
 
 /// The digest in hex if it is the one wanted, else a checksum failure.
 fn check_digest(got: &[u8], want: &[u8; 32]) -> Result<String, Failure> {
-    let (got, want) = (hex(got), hex(want));
+    let (got, want) = (crate::hex(got), crate::hex(want));
     if got == want {
         Ok(got)
     } else {
         Err(Failure::Checksum { want, got })
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -24,6 +24,11 @@ use crate::download::Context;
 use crate::input::Parser;
 use crate::report::{Reporter, Summary};
 
+/// Bytes in lowercase hex.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Everything the command line can set.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -125,7 +130,7 @@ pub fn run(options: Options, list: Lines, shutdown: Shutdown) -> Result<Summary,
         let parsed = match line {
             Ok(line) => parser.push(&line),
             Err(e) => {
-                ctx.reporter.note(&format!("reading the list stopped: {e}"));
+                ctx.reporter.list_error(&e.to_string());
                 break;
             }
         };

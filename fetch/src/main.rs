@@ -181,7 +181,7 @@ fn main() -> ExitCode {
         }
         Ok(_) if shutdown.is_requested() => ExitCode::from(130),
         Ok(s) if s.failed > 0 => ExitCode::from(1),
-        Ok(s) if s.bad_lines > 0 => ExitCode::from(2),
+        Ok(s) if s.bad_lines > 0 || s.list_unreadable => ExitCode::from(2),
         Ok(_) => ExitCode::SUCCESS,
     }
 }

@@ -72,6 +72,8 @@ pub struct Summary {
     pub failed: u64,
     pub interrupted: u64,
     pub bad_lines: u64,
+    /// Reading the list failed part way: the entries after that point were never seen.
+    pub list_unreadable: bool,
     pub bytes: u64,
     pub elapsed: Duration,
 }
@@ -80,6 +82,9 @@ pub struct Summary {
 pub struct Reporter {
     started: Instant,
     bar: Option<ProgressBar>,
+    /// Plain log lines when there is no progress display; written by their own thread, so
+    /// a reader of a piped stderr that falls behind never blocks a worker.
+    log: Option<corokit_common::output::Output>,
     quiet: bool,
     report: Option<Mutex<BufWriter<File>>>,
     totals: Mutex<Summary>,
@@ -105,9 +110,14 @@ impl Reporter {
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
         });
+        let log = match bar {
+            Some(_) => None,
+            None => Some(corokit_common::output::stderr()?),
+        };
         Ok(Reporter {
             started: Instant::now(),
             bar,
+            log,
             quiet,
             report,
             totals: Mutex::new(Summary::default()),
@@ -116,9 +126,10 @@ impl Reporter {
     }
 
     fn line(&self, text: &str) {
-        match &self.bar {
-            Some(bar) => bar.println(text),
-            None => eprintln!("{text}"),
+        match (&self.bar, &self.log) {
+            (Some(bar), _) => bar.println(text),
+            (None, Some(log)) => log.line(text.to_string()),
+            (None, None) => {}
         }
     }
 
@@ -135,6 +146,15 @@ impl Reporter {
             .unwrap_or_else(|e| e.into_inner())
             .bad_lines += 1;
         self.line(&format!("fetch: skipped {bad}"));
+    }
+
+    /// Reading the list failed: shown even when quiet, since the run is incomplete.
+    pub fn list_error(&self, list_error: &str) {
+        self.totals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .list_unreadable = true;
+        self.line(&format!("fetch: reading the list stopped: {list_error}"));
     }
 
     pub fn add_bytes(&self, n: u64) {
@@ -227,6 +247,9 @@ impl Reporter {
                 s.bytes as f64 / secs / 1e6
             ));
             self.line(&text);
+        }
+        if let Some(log) = &self.log {
+            log.drain();
         }
         s
     }

@@ -166,10 +166,13 @@ impl Paths {
 
 /// The stored form: short for a complete file of known length, else JSON.
 fn encode(state: &State) -> io::Result<Vec<u8>> {
-    match (state.complete, state.length, &state.url_hash) {
-        (true, Some(length), Some(hash)) => Ok(format!("done {length} {hash}").into_bytes()),
-        (true, Some(length), None) => {
-            Ok(format!("done {length} {}", url_hash(&state.url)).into_bytes())
+    match (state.complete, state.length) {
+        (true, Some(length)) => {
+            let hash = state
+                .url_hash
+                .clone()
+                .unwrap_or_else(|| url_hash(&state.url));
+            Ok(format!("done {length} {hash}").into_bytes())
         }
         _ => serde_json::to_vec(state).map_err(io::Error::other),
     }
@@ -202,11 +205,7 @@ fn parse(value: &[u8]) -> Record {
 
 /// The first 96 bits of the URL's SHA-256, in hex.
 fn url_hash(url: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, url.as_bytes());
-    digest.as_ref()[..12]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex(&ring::digest::digest(&ring::digest::SHA256, url.as_bytes()).as_ref()[..12])
 }
 
 /// The filesystem (or the platform) has no user extended attributes.

@@ -847,3 +847,58 @@ fn proxies_come_from_the_environment_and_no_proxy_is_honoured() {
     run("direct", "127.0.0.1");
     assert_eq!(proxy.tunnels(), 1, "NO_PROXY was not honoured");
 }
+
+#[test]
+fn the_rate_limit_holds_for_small_files_too() {
+    let server = Server::start(|_req| Response::ok(vec![1u8; 10_000]));
+    let dir = tempfile::tempdir().unwrap();
+    let list: String = (0..20).map(|i| server.url(&format!("/s{i}\n"))).collect();
+    let started = Instant::now();
+    let run = run_fetch(dir.path(), &list, &["-j", "20", "--limit-rate", "100K"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    // 200 KB at 100 KB/s, less a tenth of a second of burst, cannot take under 1.5 s.
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1500), "took only {took:?}");
+}
+
+#[test]
+fn a_list_that_cannot_be_read_to_the_end_is_an_input_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory opens, but reading it fails.
+    let output = fetch_bin()
+        .arg(dir.path())
+        .arg("-o")
+        .arg(dir.path().join("out"))
+        .arg("-q")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("reading the list stopped"), "{stderr}");
+}
+
+#[test]
+fn content_disposition_still_names_a_file_after_a_retry() {
+    let tries = Arc::new(Mutex::new(0));
+    let seen = tries.clone();
+    let server = Server::start(move |_req| {
+        let mut n = seen.lock().unwrap();
+        *n += 1;
+        if *n == 1 {
+            Response::new(503, "busy")
+        } else {
+            Response::ok(content(5))
+                .header("Content-Disposition", "attachment; filename=\"named.bin\"")
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let run = run_fetch(
+        dir.path(),
+        &server.url("/get/5\n"),
+        &["--content-disposition"],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(*tries.lock().unwrap(), 2);
+    assert!(std::fs::read(out(dir.path(), "named.bin")).unwrap() == content(5));
+    assert!(!out(dir.path(), "5").exists());
+}

@@ -1,4 +1,4 @@
-//! Standard output for coroutines.
+//! Standard output and standard error for coroutines.
 //!
 //! A write to a pipe whose reader has stopped reading blocks the writing thread; on a may
 //! worker that stalls every coroutine scheduled there (a chat node would stop acknowledging).
@@ -21,14 +21,14 @@ enum Item {
     Drained(mpsc::Sender<()>),
 }
 
-/// A handle on the writer thread; clones share it.
+/// A handle on a writer thread; clones share it.
 #[derive(Clone)]
-pub struct Stdout {
+pub struct Output {
     tx: mpsc::Sender<Item>,
     free: Arc<Semphore>,
 }
 
-impl Stdout {
+impl Output {
     /// Queues `line` (a newline is added). Output is flushed whenever the writer catches up,
     /// so a burst of lines costs few writes.
     pub fn line(&self, line: String) {
@@ -46,13 +46,18 @@ impl Stdout {
 }
 
 /// Starts the writer thread for the process's standard output. Call it once per process.
-pub fn stdout() -> Stdout {
+pub fn stdout() -> io::Result<Output> {
     write_lines(io::stdout())
+}
+
+/// Starts the writer thread for the process's standard error. Call it once per process.
+pub fn stderr() -> io::Result<Output> {
+    write_lines(io::stderr())
 }
 
 /// Starts a writer thread for `sink`. Write errors (a closed pipe) drop the output, never
 /// the producer: it keeps going as if the lines were written.
-pub fn write_lines<W: Write + Send + 'static>(sink: W) -> Stdout {
+pub fn write_lines<W: Write + Send + 'static>(sink: W) -> io::Result<Output> {
     let (tx, rx) = mpsc::channel::<Item>();
     let free = Arc::new(Semphore::new(BACKLOG));
     let writer_free = free.clone();
@@ -76,9 +81,8 @@ pub fn write_lines<W: Write + Send + 'static>(sink: W) -> Stdout {
             let _ = sink.flush();
         }
     };
-    // Without a thread there is nowhere to write: lines are dropped, nothing blocks.
-    let _ = std::thread::Builder::new()
-        .name("corokit-stdout".into())
-        .spawn(writer);
-    Stdout { tx, free }
+    std::thread::Builder::new()
+        .name("corokit-output".into())
+        .spawn(writer)?;
+    Ok(Output { tx, free })
 }

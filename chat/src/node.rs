@@ -416,6 +416,13 @@ impl Node {
             ));
         }
         if !self.is_chat_peer(to) {
+            if self.inner.config.key.is_some() {
+                // The user asked for encryption: never fall back to plain text.
+                return Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    format!("{to} has not answered as a chat peer with our key; not sent"),
+                ));
+            }
             if text.len() > 65_507 {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -429,10 +436,20 @@ impl Node {
         let parts = wire::fragments(text, wire::fragment_size(&nick));
         let frags = parts.len() as u16;
         let probe_after = self.inner.config.retry_base;
+        // As long as an unanswered datagram is retried before it is given up on: a peer that
+        // keeps saying it has no room must not hold the user's other messages forever.
+        let patience = self.inner.config.retry_base * 16 * self.inner.config.tries;
+        let waiting = Instant::now();
         while lock(&self.inner.outgoing)
             .get(&to)
             .is_some_and(|o| o.must_wait(parts.len(), probe_after))
         {
+            if self.inner.stopped.is_fired() || waiting.elapsed() > patience {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("{to} is not taking messages (its reader is behind); not sent"),
+                ));
+            }
             corokit_common::sleep(Duration::from_millis(1));
         }
         let mut datagrams = Vec::with_capacity(parts.len());
@@ -542,24 +559,28 @@ impl Node {
         let _ = self.inner.socket.send_to(&bytes, to);
     }
 
-    /// Queues an event for the user. Messages and notices from a source whose share of the
-    /// queue is full are dropped and counted; joins, leaves and delivery reports never are.
+    /// Queues an event for the user. What a source causes (its plain messages, joins and
+    /// notices) counts against its share of the queue and is dropped, and counted, beyond it.
+    /// A chat peer's message was acknowledged when it was accepted, which needed room, so it
+    /// is never dropped here; nor are leaves and delivery reports, which are bounded by the
+    /// peers table and the send window.
     fn emit(&self, event: Event) {
-        let source = match &event {
-            Event::Message { from, .. } => Some(*from),
-            Event::Notice(_) => None,
-            _ => {
-                self.inner.queued.total.fetch_add(1, Ordering::Relaxed);
-                let _ = self.inner.events.send((None, event));
-                return;
-            }
+        let (source, droppable) = match &event {
+            Event::Message { from, nick, .. } => (Some(*from), nick.is_none()),
+            Event::Join { addr, .. } => (Some(*addr), true),
+            _ => (None, false),
         };
+        self.queue(source, droppable, event);
+    }
+
+    /// Tells the user something about a datagram from `from`.
+    fn notice(&self, from: SocketAddr, text: String) {
+        self.queue(Some(from), true, Event::Notice(text));
+    }
+
+    fn queue(&self, source: Option<SocketAddr>, droppable: bool, event: Event) {
         let queued = &self.inner.queued;
-        let room = match source {
-            Some(from) => queued.has_room(from),
-            None => queued.total.load(Ordering::Relaxed) < EVENT_QUEUE,
-        };
-        if !room {
+        if droppable && source.is_some_and(|from| !queued.has_room(from)) {
             self.inner.stats.queue_full.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -637,9 +658,10 @@ impl Node {
             }
             (Datagram::Malformed(why), _) => {
                 self.inner.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                self.emit(Event::Notice(format!(
-                    "ignored a malformed datagram from {from}: {why}"
-                )));
+                self.notice(
+                    from,
+                    format!("ignored a malformed datagram from {from}: {why}"),
+                );
                 return;
             }
             (Datagram::Sealed, None) => {
@@ -689,8 +711,16 @@ impl Node {
         }
         if p.kind == Kind::Bye {
             // Goodbyes come directly and by broadcast: only the first finds the peer, and
-            // none may bring it back as a join.
-            if let Some(peer) = lock(&self.inner.peers).remove(from) {
+            // none may bring it back as a join. A late one from a run that has since been
+            // restarted at the same address must not remove the new run.
+            let mut peers = lock(&self.inner.peers);
+            let gone = peers
+                .get(from)
+                .is_some_and(|peer| peer.instance.is_none_or(|i| i == p.instance))
+                .then(|| peers.remove(from))
+                .flatten();
+            drop(peers);
+            if let Some(peer) = gone {
                 self.emit(Event::Leave {
                     addr: from,
                     nick: peer.nick.unwrap_or_default(),

@@ -606,6 +606,27 @@ fn peers_added_by_hand_are_greeted_again_after_a_restart() {
 }
 
 #[test]
+fn with_a_key_nothing_goes_out_in_clear_text() {
+    // A plain listener never answers as a keyed chat peer: the message is refused, exit 1.
+    let nc = udp();
+    let out = Command::new(env!("CARGO_BIN_EXE_chat"))
+        .args(["send", &nc.local_addr().unwrap().to_string(), "top secret"])
+        .env("CHAT_KEY", "our shared secret")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not sent"), "{stderr}");
+    let mut buf = [0u8; 1500];
+    while let Ok((n, _)) = nc.recv_from(&mut buf) {
+        assert!(
+            !buf[..n].windows(10).any(|w| w == b"top secret"),
+            "the text went out in clear"
+        );
+    }
+}
+
+#[test]
 fn a_port_in_use_is_a_clear_error() {
     let a = Chat::start(&[]);
     let out = Command::new(env!("CARGO_BIN_EXE_chat"))

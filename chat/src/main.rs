@@ -3,8 +3,8 @@
 //! receive coroutine delivers what arrives, which is printed above the input line.
 
 use std::fs::OpenOptions;
-use std::io::{IsTerminal, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::io::{self, IsTerminal, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -61,7 +61,7 @@ struct Common {
     /// UDP port to bind [default: 7890; for `send`, any free port].
     #[arg(long)]
     port: Option<u16>,
-    /// Address to bind: an IP (with --port) or IP:PORT; `::` for IPv6 (and IPv4).
+    /// Address to bind: an IP (with --port) or IP:PORT [default: `::`, IPv6 and IPv4].
     #[arg(long, value_name = "ADDR")]
     bind: Option<String>,
     /// Nickname (default: user@host).
@@ -128,10 +128,21 @@ fn resolve(text: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("{text:?}: no address"))
 }
 
+/// Binds `--bind`, or by default `::` for IPv6 and IPv4 at once, falling back to `0.0.0.0`
+/// on a host without IPv6 (but not when the port is in use: that stays an error).
 fn bind(common: &Common, port: u16) -> anyhow::Result<may::net::UdpSocket> {
-    use socket2::{Domain, Protocol as P, Socket, Type};
     let addr = match &common.bind {
-        None => SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+        None => {
+            return bind_to(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))).or_else(|e| {
+                let in_use = e.downcast_ref::<io::Error>().map(io::Error::kind)
+                    == Some(io::ErrorKind::AddrInUse);
+                if in_use {
+                    Err(e)
+                } else {
+                    bind_to(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+                }
+            });
+        }
         Some(b) => match b.parse::<SocketAddr>() {
             Ok(a) => a,
             Err(_) => {
@@ -143,6 +154,11 @@ fn bind(common: &Common, port: u16) -> anyhow::Result<may::net::UdpSocket> {
             }
         },
     };
+    bind_to(addr)
+}
+
+fn bind_to(addr: SocketAddr) -> anyhow::Result<may::net::UdpSocket> {
+    use socket2::{Domain, Protocol as P, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(P::UDP))?;
     if addr.is_ipv6() && addr.ip().is_unspecified() {
         socket.set_only_v6(false)?;
@@ -506,8 +522,9 @@ impl Input {
                     self.out.line("chat: no peers yet".into());
                 }
                 for p in peers {
+                    let also: String = p.also.iter().map(|a| format!(", also at {a}")).collect();
                     self.out.line(format!(
-                        "  {:<24} {:<22} {:<5} last seen {:.0?} ago",
+                        "  {:<24} {:<22} {:<5} last seen {:.0?} ago{also}",
                         escape(p.nick.as_deref().unwrap_or("-")),
                         p.addr,
                         if p.protocol == Protocol::Chat {

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,6 +19,32 @@ use crate::wire::{self, Datagram, Kind, Packet};
 
 /// IPv4 multicast group for discovery (administratively scoped).
 pub const MULTICAST_V4: Ipv4Addr = Ipv4Addr::new(239, 255, 75, 84);
+/// IPv6 all-nodes link-local group: every IPv6 host on the link is in it.
+const ALL_NODES_V6: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+
+/// The address families a socket speaks, so the ones announced to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Families {
+    V4,
+    V6,
+    /// `::` without IPV6_V6ONLY: IPv4 too.
+    Both,
+}
+
+impl Families {
+    fn of(socket: &UdpSocket) -> io::Result<Families> {
+        Ok(match socket.local_addr()? {
+            SocketAddr::V4(_) => Families::V4,
+            SocketAddr::V6(a)
+                if a.ip().is_unspecified()
+                    && !socket2::SockRef::from(socket.inner()).only_v6()? =>
+            {
+                Families::Both
+            }
+            SocketAddr::V6(_) => Families::V6,
+        })
+    }
+}
 
 /// How the node behaves; `Default` is what the `chat` binary uses.
 #[derive(Debug)]
@@ -213,12 +239,15 @@ impl Incoming {
 
 struct Inner {
     socket: UdpSocket,
+    families: Families,
     instance: u64,
     config: Config,
     nick: Mutex<String>,
     peers: Mutex<Peers>,
     outgoing: Mutex<HashMap<SocketAddr, Outgoing>>,
-    incoming: Mutex<HashMap<u64, Incoming>>,
+    /// Keyed by where a sender's stream comes from and its instance: a run that is sent to
+    /// at two of our addresses keeps two streams.
+    incoming: Mutex<HashMap<(SocketAddr, u64), Incoming>>,
     replay: Mutex<HashMap<u64, ReplayWindow>>,
     rate: Mutex<HashMap<SocketAddr, (f64, Instant)>>,
     /// Senders last told they have little room: source → (their instance, room told).
@@ -318,15 +347,15 @@ impl Node {
                 break id;
             }
         };
-        if config.discovery_port.is_some() {
+        let families = Families::of(&socket)?;
+        if config.discovery_port.is_some() && families != Families::V6 {
             socket.set_broadcast(true)?;
-            if let Ok(SocketAddr::V4(_)) = socket.local_addr() {
-                // Best effort: a host without a multicast route still gets broadcasts.
-                let _ = socket.join_multicast_v4(&MULTICAST_V4, &Ipv4Addr::UNSPECIFIED);
-            }
+            // Best effort: a host without a multicast route still gets broadcasts.
+            let _ = socket.join_multicast_v4(&MULTICAST_V4, &Ipv4Addr::UNSPECIFIED);
         }
         let inner = Arc::new(Inner {
             socket,
+            families,
             instance,
             nick: Mutex::new(config.nick.clone()),
             config,
@@ -512,7 +541,7 @@ impl Node {
                     SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
                 }
                 IpAddr::V6(ip) if ip.is_unspecified() => {
-                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+                    SocketAddr::from((Ipv6Addr::LOCALHOST, addr.port()))
                 }
                 _ => addr,
             };
@@ -524,24 +553,20 @@ impl Node {
         Packet::control(kind, self.inner.instance, &self.nick())
     }
 
-    /// Broadcast and multicast, when discovery is on.
+    /// Broadcast and multicast in every family the socket speaks, when discovery is on.
+    /// IPv4 goes first, so a dual-stack peer usually hears it first and lists us under the
+    /// IPv4 address rather than a link-local IPv6 one.
     fn announce(&self, kind: Kind) {
         let Some(port) = self.inner.config.discovery_port else {
             return;
         };
         let packet = self.control(kind);
-        match self.inner.socket.local_addr() {
-            Ok(SocketAddr::V4(_)) => {
-                self.send_packet(SocketAddr::from((Ipv4Addr::BROADCAST, port)), &packet);
-                self.send_packet(SocketAddr::from((MULTICAST_V4, port)), &packet);
-            }
-            Ok(SocketAddr::V6(_)) => {
-                // All-nodes link-local multicast: every IPv6 host on the link hears it.
-                let all_nodes =
-                    SocketAddr::from((std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1), port));
-                self.send_packet(all_nodes, &packet);
-            }
-            Err(_) => {}
+        if self.inner.families != Families::V6 {
+            self.send_packet(SocketAddr::from((Ipv4Addr::BROADCAST, port)), &packet);
+            self.send_packet(SocketAddr::from((MULTICAST_V4, port)), &packet);
+        }
+        if self.inner.families != Families::V4 {
+            self.send_packet(SocketAddr::from((ALL_NODES_V6, port)), &packet);
         }
     }
 
@@ -710,9 +735,9 @@ impl Node {
             return; // our own broadcast, come back
         }
         if p.kind == Kind::Bye {
-            // Goodbyes come directly and by broadcast: only the first finds the peer, and
-            // none may bring it back as a join. A late one from a run that has since been
-            // restarted at the same address must not remove the new run.
+            // Goodbyes come directly and by broadcast, perhaps at two of the peer's
+            // addresses: only the first finds the peer, and none may bring it back as a join.
+            // A late one from a run that has since been restarted must not remove the new run.
             let mut peers = lock(&self.inner.peers);
             let gone = peers
                 .get(from)
@@ -722,7 +747,7 @@ impl Node {
             drop(peers);
             if let Some(peer) = gone {
                 self.emit(Event::Leave {
-                    addr: from,
+                    addr: peer.addr,
                     nick: peer.nick.unwrap_or_default(),
                     expired: false,
                 });
@@ -738,7 +763,7 @@ impl Node {
             });
         }
         if p.kind != Kind::Msg && p.base > 0 {
-            if let Some(stream) = lock(&self.inner.incoming).get_mut(&p.instance) {
+            if let Some(stream) = lock(&self.inner.incoming).get_mut(&(from, p.instance)) {
                 stream.skip_to(p.base);
             }
             self.release(p.instance, from);
@@ -798,7 +823,7 @@ impl Node {
         let (instance, seq) = (p.instance, p.seq);
         {
             let mut incoming = lock(&self.inner.incoming);
-            let stream = incoming.entry(instance).or_default();
+            let stream = incoming.entry((from, instance)).or_default();
             stream.last = Some(Instant::now());
             stream.skip_to(p.base);
             let expected = stream.expected.unwrap_or(1);
@@ -835,7 +860,7 @@ impl Node {
         let mut complete = Vec::new();
         {
             let mut incoming = lock(&self.inner.incoming);
-            let Some(stream) = incoming.get_mut(&instance) else {
+            let Some(stream) = incoming.get_mut(&(from, instance)) else {
                 return;
             };
             let mut next = stream.expected.unwrap_or(1);
@@ -873,7 +898,7 @@ impl Node {
     fn ack(&self, to: SocketAddr, instance: u64, seq: u64) {
         let room = self.inner.queued.room(to);
         let delivered = lock(&self.inner.incoming)
-            .get(&instance)
+            .get(&(to, instance))
             .and_then(|s| s.expected)
             .unwrap_or(1)
             - 1;

@@ -6,8 +6,9 @@
 //! version 1  1
 //! kind    1  Hello | HelloReply | Bye | Msg | Ack
 //! flags   1  bit 0: sealed (the rest is an AEAD box, see `seal`)
-//! instance 8 random id of the sending process, fixed for its life
-//! seq     8  Msg: per-sender sequence; Ack: the sequence acknowledged (0: a window update
+//! instance 8 random id of the sending process, fixed for its life; a peer heard at several
+//!            addresses with one instance is one peer
+//! seq     8  Msg: sequence per sender and destination address; Ack: the sequence acknowledged (0: a window update
 //!            that acknowledges nothing); others: 0
 //! base    8  lowest sequence the sender still retransmits (gaps below it are given up); 0 in
 //!            an Ack

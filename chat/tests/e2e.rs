@@ -626,24 +626,49 @@ fn with_a_key_nothing_goes_out_in_clear_text() {
     }
 }
 
+/// Runs `chat ARGS` that should fail at once: its exit code and stderr. Killed after a while
+/// if it starts instead, so a regression fails the test rather than hanging it.
+fn refused(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chat"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        corokit_common::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn a_port_in_use_is_a_clear_error() {
     let a = Chat::start(&[]);
-    let out = Command::new(env!("CARGO_BIN_EXE_chat"))
-        .args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &a.addr.port().to_string(),
-            "--no-discovery",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let port = a.addr.port().to_string();
+    let (code, err) = refused(&["--bind", "127.0.0.1", "--port", &port, "--no-discovery"]);
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("cannot bind") && err.contains(&a.addr.to_string()),
+        "{err}"
+    );
+    // The default bind is IPv6 and IPv4 at once; a port taken in IPv6 only is still an
+    // error, not a quiet fall back to IPv4 alone.
+    let Ok(taken) = may::net::UdpSocket::bind("[::1]:0") else {
+        eprintln!("skipped the IPv6 half: no ::1 here");
+        return;
+    };
+    let port = taken.local_addr().unwrap().port().to_string();
+    let (code, err) = refused(&["--port", &port, "--no-discovery"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("cannot bind UDP [::]:{port}")),
         "{err}"
     );
 }
@@ -789,9 +814,10 @@ impl Lan {
             .is_ok_and(|o| o.status.success())
     }
 
-    /// Two hosts, 10.213.77.1 and .2 on one link, with IPv6 link-local addresses usable at
-    /// once (no duplicate address detection); `None` where namespaces are not permitted.
-    fn two_hosts() -> Option<Lan> {
+    /// Two hosts on one link with IPv6 link-local addresses usable at once (no duplicate
+    /// address detection) and, with `ipv4`, 10.213.77.1 and .2; `None` where namespaces are
+    /// not permitted.
+    fn two_hosts(ipv4: bool) -> Option<Lan> {
         static LANS: AtomicUsize = AtomicUsize::new(0);
         let id = format!(
             "{}x{}",
@@ -821,11 +847,12 @@ impl Lan {
                 let port = format!("p{n}");
                 Lan::ip(&["-n", &br, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", h])
                     && Lan::ip(&["-n", &br, "link", "set", &port, "master", "br0", "up"])
-                    && Lan::ip(&["-n", h, "addr", "add", &format!("10.213.77.{n}/24"), "dev", "eth0"])
+                    && (!ipv4
+                        || Lan::ip(&["-n", h, "addr", "add", &format!("10.213.77.{n}/24"), "dev", "eth0"]))
                     && Lan::ip(&["-n", h, "link", "set", "eth0", "up"])
                     && Lan::ip(&["-n", h, "link", "set", "lo", "up"])
                     // Broadcast and multicast leave through eth0; nothing else is there.
-                    && Lan::ip(&["-n", h, "route", "add", "default", "dev", "eth0"])
+                    && (!ipv4 || Lan::ip(&["-n", h, "route", "add", "default", "dev", "eth0"]))
             });
         ok.then_some(lan)
     }
@@ -839,48 +866,122 @@ impl Drop for Lan {
     }
 }
 
+/// Events of `kind` in everything `chat` printed so far.
+fn count(chat: &Chat, kind: &str) -> usize {
+    chat.seen.iter().filter(|v| v["event"] == kind).count()
+}
+
+fn is_link_local(v: &Value) -> bool {
+    v.as_str().is_some_and(|a| a.starts_with("[fe80::"))
+}
+
 #[test]
-fn instances_on_two_hosts_discover_each_other() {
-    let Some(lan) = Lan::two_hosts() else {
+fn dual_stack_instances_on_two_hosts_find_each_other_once() {
+    let Some(lan) = Lan::two_hosts(true) else {
         eprintln!("skipped: creating network namespaces is not permitted here");
         return;
     };
     let (h1, h2) = (lan.names[1].clone(), lan.names[2].clone());
+    // The default bind: both announce by IPv4 broadcast and multicast and by IPv6 multicast,
+    // so each hears the other at two addresses.
     let mut one = Chat::start_in(&h1, &["--name", "one"]);
     let mut two = Chat::start_in(&h2, &["--name", "two"]);
+    assert!(
+        one.addr.is_ipv6() && one.addr.ip().is_unspecified(),
+        "{}",
+        one.addr
+    );
     let (at1, at2) = ("10.213.77.1:7890", "10.213.77.2:7890");
-    // Whoever started second was heard by the first through broadcast or multicast.
+    let found = |nick: &'static str, v4: &'static str| {
+        move |v: &Value| {
+            v["event"] == "join"
+                && v["nick"] == nick
+                && (v["from"] == v4 || is_link_local(&v["from"]))
+        }
+    };
+    one.wait_for("two found", found("two", at2));
+    let from1 = two.wait_for("one found", found("one", at1))["from"].clone();
+    // The second address is heard moments after the first (neighbour discovery): ask again
+    // until /who shows it, listed under the one name.
+    let deadline = Instant::now() + WAIT;
+    let listed = loop {
+        // Earlier answers go (they are the lines that are not JSON); events stay.
+        two.seen.retain(|v| !v.is_string());
+        two.say("/who");
+        let line = two.wait_for("/who", |v| v.as_str().is_some_and(|l| l.contains(" one ")));
+        let line = line.as_str().unwrap().to_string();
+        if line.contains("also at") || Instant::now() > deadline {
+            break line;
+        }
+        corokit_common::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        listed.contains(at1) && listed.contains("[fe80::") && listed.contains("also at"),
+        "one is listed once with both addresses: {listed}"
+    );
+    // With no destination a line goes to every peer: one copy, not one per address.
+    one.say("hello across the bridge");
+    two.wait_for("the message", |v| {
+        v["event"] == "message" && v["nick"] == "one" && v["text"] == "hello across the bridge"
+    });
+    two.say("hello back");
+    one.wait_for("the answer", |v| {
+        v["event"] == "message" && v["text"] == "hello back"
+    });
+    one.messages(Duration::from_millis(300));
+    assert_eq!(count(&one, "join"), 1, "{:#?}", one.seen);
+    assert_eq!(one.terminate(), 0);
+    two.wait_for("the goodbye", |v| {
+        v["event"] == "leave" && v["from"] == from1
+    });
+    two.messages(Duration::from_millis(500));
+    assert_eq!(count(&two, "join"), 1, "{:#?}", two.seen);
+    assert_eq!(count(&two, "leave"), 1, "{:#?}", two.seen);
+    assert_eq!(two.messages(Duration::ZERO), ["hello across the bridge"]);
+    drop(two);
+}
+
+#[test]
+fn an_ipv4_only_instance_and_a_dual_stack_one_meet_over_ipv4() {
+    let Some(lan) = Lan::two_hosts(true) else {
+        eprintln!("skipped: creating network namespaces is not permitted here");
+        return;
+    };
+    let (h1, h2) = (lan.names[1].clone(), lan.names[2].clone());
+    let mut one = Chat::start_in(&h1, &["--name", "one", "--bind", "0.0.0.0"]);
+    let mut two = Chat::start_in(&h2, &["--name", "two"]);
+    let (at1, at2) = ("10.213.77.1:7890", "10.213.77.2:7890");
     one.wait_for("two found", |v| {
         v["event"] == "join" && v["from"] == at2 && v["nick"] == "two"
     });
     two.wait_for("one found", |v| {
         v["event"] == "join" && v["from"] == at1 && v["nick"] == "one"
     });
-    one.say("hello across the bridge");
-    two.wait_for("the message", |v| {
-        v["event"] == "message" && v["from"] == at1 && v["text"] == "hello across the bridge"
-    });
+    one.say("from the IPv4 side");
+    two.wait_for("the message", |v| msg_at(v, at1, "from the IPv4 side"));
+    two.say("from the dual-stack side");
+    one.wait_for("the answer", |v| msg_at(v, at2, "from the dual-stack side"));
     assert_eq!(one.terminate(), 0);
     two.wait_for("the goodbye", |v| v["event"] == "leave" && v["from"] == at1);
     drop(two);
 }
 
+fn msg_at(v: &Value, from: &str, text: &str) -> bool {
+    v["event"] == "message" && v["from"] == from && v["text"] == text
+}
+
 #[test]
-fn instances_on_two_hosts_discover_each_other_over_ipv6() {
-    let Some(lan) = Lan::two_hosts() else {
+fn instances_on_an_ipv6_only_link_discover_each_other() {
+    let Some(lan) = Lan::two_hosts(false) else {
         eprintln!("skipped: creating network namespaces is not permitted here");
         return;
     };
     let (h1, h2) = (lan.names[1].clone(), lan.names[2].clone());
-    let mut one = Chat::start_in(&h1, &["--name", "one", "--bind", "::"]);
-    let mut two = Chat::start_in(&h2, &["--name", "two", "--bind", "::"]);
+    let mut one = Chat::start_in(&h1, &["--name", "one"]);
+    let mut two = Chat::start_in(&h2, &["--name", "two"]);
     // Found through the all-nodes link-local group ff02::1, so from a link-local address.
     let found = |nick: &'static str| {
-        move |v: &Value| {
-            v["event"] == "join"
-                && v["nick"] == nick
-                && v["from"].as_str().is_some_and(|a| a.starts_with("[fe80::"))
-        }
+        move |v: &Value| v["event"] == "join" && v["nick"] == nick && is_link_local(&v["from"])
     };
     let at2 = one.wait_for("two found", found("two"))["from"].clone();
     let at1 = two.wait_for("one found", found("one"))["from"].clone();

@@ -522,7 +522,11 @@ impl Input {
                     self.out.line("chat: no peers yet".into());
                 }
                 for p in peers {
-                    let also: String = p.also.iter().map(|a| format!(", also at {a}")).collect();
+                    let also: String = p
+                        .also
+                        .iter()
+                        .map(|(a, _)| format!(", also at {a}"))
+                        .collect();
                     self.out.line(format!(
                         "  {:<24} {:<22} {:<5} last seen {:.0?} ago{also}",
                         escape(p.nick.as_deref().unwrap_or("-")),

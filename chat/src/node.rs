@@ -432,7 +432,9 @@ impl Node {
             .is_some_and(|p| p.protocol == Protocol::Chat)
     }
 
-    /// Sends `text` to `to`: reliably to a `chat` peer, as plain UTF-8 to anything else.
+    /// Sends `text` to `to`: reliably to a `chat` peer, as plain UTF-8 to anything else. A
+    /// chat peer is written to at the address it is listed under, whichever of its addresses
+    /// `to` is, so that it gets one ordered stream.
     pub fn send(&self, to: SocketAddr, text: &str) -> io::Result<Sent> {
         if text.len() > wire::MAX_TEXT {
             return Err(io::Error::new(
@@ -444,7 +446,11 @@ impl Node {
                 ),
             ));
         }
-        if !self.is_chat_peer(to) {
+        let listed = lock(&self.inner.peers)
+            .get(to)
+            .filter(|p| p.protocol == Protocol::Chat)
+            .map(|p| p.addr);
+        let Some(to) = listed else {
             if self.inner.config.key.is_some() {
                 // The user asked for encryption: never fall back to plain text.
                 return Err(io::Error::new(
@@ -460,7 +466,7 @@ impl Node {
             }
             self.inner.socket.send_to(text.as_bytes(), to)?;
             return Ok(Sent::Plain);
-        }
+        };
         let nick = self.nick();
         let parts = wire::fragments(text, wire::fragment_size(&nick));
         let frags = parts.len() as u16;
@@ -534,10 +540,14 @@ impl Node {
         }
         self.announce(Kind::Bye);
         self.inner.stopped.fire();
-        // Wake the receive loop with a datagram to itself so it sees the flag.
+        // Wake the receive loop with a datagram to itself so it sees the flag (by IPv4 where
+        // it can: IPv6 may be off on the loopback interface).
         if let Ok(addr) = self.inner.socket.local_addr() {
             let wake = match addr.ip() {
                 IpAddr::V4(ip) if ip.is_unspecified() => {
+                    SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
+                }
+                IpAddr::V6(_) if self.inner.families == Families::Both => {
                     SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
                 }
                 IpAddr::V6(ip) if ip.is_unspecified() => {

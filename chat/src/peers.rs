@@ -22,15 +22,30 @@ pub enum Protocol {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Peer {
-    /// Where it is listed, and where messages to every peer go.
+    /// Where it is listed, and where messages to it go.
     pub addr: SocketAddr,
-    /// Other addresses the same run was heard at (its IPv6 address beside its IPv4 one).
-    pub also: Vec<SocketAddr>,
+    /// When `addr` last spoke.
+    pub addr_seen: Instant,
+    /// Other addresses the same run was heard at (its IPv6 address beside its IPv4 one), and
+    /// when each last spoke.
+    pub also: Vec<(SocketAddr, Instant)>,
     pub instance: Option<u64>,
     /// As received: escape before printing.
     pub nick: Option<String>,
     pub protocol: Protocol,
+    /// When any of its addresses last spoke.
     pub last_seen: Instant,
+}
+
+impl Peer {
+    fn heard(&mut self, addr: SocketAddr, now: Instant) {
+        self.last_seen = now;
+        if addr == self.addr {
+            self.addr_seen = now;
+        } else if let Some((_, seen)) = self.also.iter_mut().find(|(a, _)| *a == addr) {
+            *seen = now;
+        }
+    }
 }
 
 /// Aliases kept per run; a further address replaces the oldest.
@@ -68,43 +83,26 @@ impl Peers {
         let listed = self.listed(addr);
         if protocol == Protocol::Plain {
             match listed.and_then(|l| self.map.get_mut(&l)) {
-                Some(peer) => peer.last_seen = now,
+                Some(peer) => peer.heard(addr, now),
                 None => self.insert(addr, None, None, Protocol::Plain),
             }
             return false;
         }
-        let run = instance.and_then(|i| self.runs.get(&i).copied());
-        if let Some(run) = run {
+        // One socket speaks from an address at a time, so a run speaking from an address
+        // replaces whatever spoke from it before: a plain tool, or an earlier run, which is
+        // gone at all its addresses.
+        if let Some(run) = instance.and_then(|i| self.runs.get(&i).copied()) {
             if listed != Some(run) {
-                // Another address of a run listed already; whatever spoke from it before (a
-                // plain tool, an earlier run) is gone.
-                self.forget(addr);
-                self.alias(addr, run);
+                self.remove(addr);
+                self.alias(addr, run, now);
             }
             let peer = self.map.get_mut(&run).expect("a run is listed");
-            peer.last_seen = now;
+            peer.heard(addr, now);
             peer.nick = nick.map(str::to_string);
             return false;
         }
-        // A run not heard before: new, restarted, or a plain tool's address now speaking chat.
-        match self.map.get_mut(&addr) {
-            Some(peer) => {
-                if let Some(old) = peer.instance {
-                    self.runs.remove(&old);
-                }
-                peer.last_seen = now;
-                peer.protocol = Protocol::Chat;
-                peer.instance = instance;
-                peer.nick = nick.map(str::to_string);
-            }
-            None => {
-                self.forget(addr);
-                self.insert(addr, instance, nick, Protocol::Chat);
-            }
-        }
-        if let Some(i) = instance {
-            self.runs.insert(i, addr);
-        }
+        self.remove(addr);
+        self.insert(addr, instance, nick, Protocol::Chat);
         true
     }
 
@@ -116,7 +114,7 @@ impl Peers {
     /// Forgets the peer `addr` belongs to, with all its addresses.
     pub fn remove(&mut self, addr: SocketAddr) -> Option<Peer> {
         let peer = self.map.remove(&self.listed(addr)?)?;
-        for a in &peer.also {
+        for (a, _) in &peer.also {
             self.aliases.remove(a);
         }
         if let Some(i) = peer.instance {
@@ -132,15 +130,29 @@ impl Peers {
         peers
     }
 
-    /// Forgets peers silent for longer than `after` and returns them.
+    /// Forgets peers silent for longer than `after` and returns them, and addresses of the
+    /// others silent that long. A run still heard, but no longer at the address it is listed
+    /// under (a new DHCP lease, say), is listed again under its freshest address.
     pub fn expire(&mut self, after: Duration) -> Vec<Peer> {
+        let silent = |t: &Instant| t.elapsed() > after;
         let gone: Vec<SocketAddr> = self
             .map
             .values()
-            .filter(|p| p.last_seen.elapsed() > after)
+            .filter(|p| silent(&p.last_seen))
             .map(|p| p.addr)
             .collect();
-        gone.into_iter().filter_map(|a| self.remove(a)).collect()
+        let gone = gone.into_iter().filter_map(|a| self.remove(a)).collect();
+        let listed: Vec<SocketAddr> = self.map.keys().copied().collect();
+        for addr in listed {
+            let peer = self.map.get_mut(&addr).expect("listed just now");
+            for (a, _) in peer.also.extract_if(.., |(_, t)| silent(t)) {
+                self.aliases.remove(&a);
+            }
+            if silent(&peer.addr_seen) && !peer.also.is_empty() {
+                self.relist(addr);
+            }
+        }
+        gone
     }
 
     fn listed(&self, addr: SocketAddr) -> Option<SocketAddr> {
@@ -168,42 +180,56 @@ impl Peers {
                 self.remove(oldest);
             }
         }
+        let now = Instant::now();
         self.map.insert(
             addr,
             Peer {
                 addr,
+                addr_seen: now,
                 also: Vec::new(),
                 instance,
                 nick: nick.map(str::to_string),
                 protocol,
-                last_seen: Instant::now(),
+                last_seen: now,
             },
         );
-    }
-
-    /// Drops whatever `addr` stands for: an alias, or a listed peer with its aliases.
-    fn forget(&mut self, addr: SocketAddr) {
-        match self.aliases.remove(&addr) {
-            Some(listed) => {
-                if let Some(peer) = self.map.get_mut(&listed) {
-                    peer.also.retain(|&a| a != addr);
-                }
-            }
-            None => {
-                self.remove(addr);
-            }
+        if let Some(i) = instance {
+            self.runs.insert(i, addr);
         }
     }
 
-    fn alias(&mut self, addr: SocketAddr, listed: SocketAddr) {
+    /// Lists the peer listed under `old` under the freshest of its other addresses instead;
+    /// `old` is dropped.
+    fn relist(&mut self, old: SocketAddr) {
+        let mut peer = self.map.remove(&old).expect("a listed address");
+        let freshest = (0..peer.also.len())
+            .max_by_key(|&i| peer.also[i].1)
+            .expect("another address");
+        let (addr, seen) = peer.also.swap_remove(freshest);
+        self.aliases.remove(&addr);
+        peer.addr = addr;
+        peer.addr_seen = seen;
+        for (a, _) in &peer.also {
+            self.aliases.insert(*a, addr);
+        }
+        if let Some(i) = peer.instance {
+            self.runs.insert(i, addr);
+        }
+        self.map.insert(addr, peer);
+    }
+
+    fn alias(&mut self, addr: SocketAddr, listed: SocketAddr, now: Instant) {
         let Some(peer) = self.map.get_mut(&listed) else {
             return;
         };
         if peer.also.len() >= MAX_ALSO {
-            let oldest = peer.also.remove(0);
-            self.aliases.remove(&oldest);
+            let stalest = (0..peer.also.len())
+                .min_by_key(|&i| peer.also[i].1)
+                .expect("a full list");
+            let (gone, _) = peer.also.swap_remove(stalest);
+            self.aliases.remove(&gone);
         }
-        peer.also.push(addr);
+        peer.also.push((addr, now));
         self.aliases.insert(addr, listed);
     }
 }
@@ -266,6 +292,14 @@ mod tests {
         );
     }
 
+    fn addresses(peers: &Peers) -> Vec<(SocketAddr, Vec<SocketAddr>)> {
+        peers
+            .list()
+            .into_iter()
+            .map(|p| (p.addr, p.also.iter().map(|(a, _)| *a).collect()))
+            .collect()
+    }
+
     #[test]
     fn a_run_heard_at_two_addresses_is_listed_once() {
         let mut peers = Peers::new(8);
@@ -275,23 +309,40 @@ mod tests {
             !peers.seen(v6, Some(7), Some("ana"), Protocol::Chat),
             "the same run by IPv6 is not another join"
         );
-        let list = peers.list();
-        assert_eq!(list.len(), 1);
-        assert_eq!((list[0].addr, list[0].also.clone()), (addr(1), vec![v6]));
+        assert_eq!(addresses(&peers), [(addr(1), vec![v6])]);
         assert_eq!(peers.get(v6).unwrap().addr, addr(1));
 
-        // A restart is heard first at the alias: it is listed there, and the old run goes
-        // when the new one speaks from its address.
+        // A restart heard first at the other address: the earlier run is gone at both.
         assert!(peers.seen(v6, Some(8), Some("ana"), Protocol::Chat));
+        assert_eq!(addresses(&peers), [(v6, vec![])]);
         assert!(!peers.seen(addr(1), Some(8), Some("ana"), Protocol::Chat));
-        let list = peers.list();
-        assert_eq!(list.len(), 1, "{list:?}");
-        assert_eq!((list[0].addr, list[0].also.clone()), (v6, vec![addr(1)]));
+        assert_eq!(addresses(&peers), [(v6, vec![addr(1)])]);
 
         // A goodbye from either address removes every address of the run.
         assert_eq!(peers.remove(addr(1)).unwrap().instance, Some(8));
         assert!(peers.get(v6).is_none() && peers.get(addr(1)).is_none());
         assert!(peers.seen(addr(1), Some(8), Some("ana"), Protocol::Chat));
+        assert_eq!(addresses(&peers), [(addr(1), vec![])]);
+    }
+
+    #[test]
+    fn a_run_no_longer_heard_where_it_is_listed_moves_to_an_address_still_heard() {
+        let mut peers = Peers::new(8);
+        let ago = Instant::now() - Duration::from_secs(60);
+        peers.seen(addr(1), Some(7), Some("ana"), Protocol::Chat);
+        peers.seen(addr(2), Some(7), Some("ana"), Protocol::Chat);
+        peers.seen(addr(3), Some(7), Some("ana"), Protocol::Chat);
+        // .1 went silent (a new lease, say), .2 too; .3 still speaks.
+        let peer = peers.map.get_mut(&addr(1)).unwrap();
+        peer.addr_seen = ago;
+        peer.also[0].1 = ago;
+        assert!(peers.expire(Duration::from_secs(30)).is_empty());
+        assert_eq!(addresses(&peers), [(addr(3), vec![])]);
+        assert_eq!(peers.get(addr(3)).unwrap().instance, Some(7));
+        assert!(peers.get(addr(1)).is_none() && peers.get(addr(2)).is_none());
+        // Still the same run: no join.
+        assert!(!peers.seen(addr(1), Some(7), Some("ana"), Protocol::Chat));
+        assert_eq!(addresses(&peers), [(addr(3), vec![addr(1)])]);
     }
 
     #[test]

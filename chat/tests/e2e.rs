@@ -702,6 +702,51 @@ fn a_dual_stack_instance_shows_ipv4_senders_as_ipv4() {
 }
 
 #[test]
+fn a_peer_reached_at_two_addresses_is_one_peer() {
+    let mut ana = Chat::start(&["--bind", "::", "--name", "ana"]);
+    let port = ana.addr.port();
+    let (v4, v6) = (format!("127.0.0.1:{port}"), format!("[::1]:{port}"));
+    let mut bob = Chat::start(&["--bind", "::", "--name", "bob", "--to", &v4, "--to", &v6]);
+    bob.wait_for("ana found", |v| v["event"] == "join" && v["nick"] == "ana");
+    ana.wait_for("bob found", |v| v["event"] == "join" && v["nick"] == "bob");
+    let deadline = Instant::now() + WAIT;
+    let listed = loop {
+        bob.seen.retain(|v| !v.is_string());
+        bob.say("/who");
+        let line = bob.wait_for("/who", |v| v.as_str().is_some_and(|l| l.contains(" ana ")));
+        let line = line.as_str().unwrap().to_string();
+        if line.contains("also at") || Instant::now() > deadline {
+            break line;
+        }
+        corokit_common::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        listed.contains(&v4) && listed.contains(&v6) && listed.contains("also at"),
+        "ana is listed once with both addresses: {listed}"
+    );
+    // To every peer, and to each of ana's addresses: one stream, every line once, in order.
+    bob.say("to everyone");
+    bob.say(&format!("/to {v6}"));
+    bob.say("by IPv6");
+    bob.say(&format!("/to {v4}"));
+    bob.say("by IPv4");
+    ana.wait_for("the last line", |v| {
+        v["event"] == "message" && v["text"] == "by IPv4"
+    });
+    assert_eq!(
+        ana.messages(Duration::from_millis(300)),
+        ["to everyone", "by IPv6", "by IPv4"]
+    );
+    assert_eq!(bob.terminate(), 0);
+    ana.wait_for("the goodbye", |v| {
+        v["event"] == "leave" && v["nick"] == "bob"
+    });
+    ana.messages(Duration::from_millis(300));
+    assert_eq!(count(&ana, "join"), 1, "{:#?}", ana.seen);
+    assert_eq!(count(&ana, "leave"), 1, "{:#?}", ana.seen);
+}
+
+#[test]
 fn the_log_keeps_what_was_sent_and_received() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("chat.jsonl");

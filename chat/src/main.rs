@@ -16,6 +16,7 @@ use corokit_chat::display::escape;
 use corokit_chat::peers::{self, Protocol};
 use corokit_chat::seal::Key;
 use corokit_chat::{Config, Event, Events, Node, Sent};
+use corokit_common::output::Output;
 use corokit_common::Shutdown;
 
 /// LAN messaging over UDP: with other `chat` instances (discovery, nicknames, acknowledged
@@ -253,29 +254,26 @@ fn send_one(common: &Common, to: &str, text: &str) -> anyhow::Result<ExitCode> {
     Ok(outcome)
 }
 
-/// Where output goes: above the line editor's input line, or to stdout through its writer
-/// thread (a reader that stops reading must not block a worker).
-#[derive(Clone)]
-enum Out {
-    Editor(Arc<Mutex<Box<dyn rustyline::ExternalPrinter + Send>>>),
-    Stdout(corokit_common::output::Output),
+/// Lines written to it are printed above the line editor's input line. It is the sink of an
+/// output thread, like stdout: the printer can block, and must not block a worker.
+struct AboveInput {
+    printer: Box<dyn rustyline::ExternalPrinter + Send>,
+    pending: Vec<u8>,
 }
 
-impl Out {
-    fn line(&self, text: String) {
-        match self {
-            Out::Editor(p) => {
-                let _ = p.lock().unwrap_or_else(|e| e.into_inner()).print(text);
-            }
-            Out::Stdout(out) => out.line(text),
+impl Write for AboveInput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        while let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            let text = String::from_utf8_lossy(&line[..end]).into_owned();
+            self.printer.print(text).map_err(io::Error::other)?;
         }
+        Ok(buf.len())
     }
 
-    /// Waits until everything shown so far has been written.
-    fn drain(&self) {
-        if let Out::Stdout(out) = self {
-            out.drain();
-        }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -408,11 +406,15 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         std::io::stdin().is_terminal() && std::io::stdout().is_terminal() && !args.json;
     let (lines, out) = if interactive {
         let (lines, printer) = editor(shutdown.clone())?;
-        (lines, Out::Editor(Arc::new(Mutex::new(printer))))
+        let above = AboveInput {
+            printer,
+            pending: Vec::new(),
+        };
+        (lines, corokit_common::output::write_lines(above)?)
     } else {
         (
             corokit_common::stdin::lines(),
-            Out::Stdout(corokit_common::output::stdout()?),
+            corokit_common::output::stdout()?,
         )
     };
     if args.json {
@@ -480,7 +482,7 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
 
 struct Input {
     node: Node,
-    out: Out,
+    out: Output,
     log: Arc<Log>,
     dest: Option<SocketAddr>,
 }

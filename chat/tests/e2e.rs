@@ -822,7 +822,8 @@ fn on_a_terminal_the_input_line_stays_intact_while_messages_arrive() {
             corokit_common::sleep(Duration::from_millis(50));
         }
     };
-    wait_screen("> ");
+    // The prompt ("> "; the pane is captured without trailing spaces).
+    wait_screen(">");
     tmux(&["send-keys", "-t", &session, "half typed"]);
     wait_screen("half typed");
     let nc = udp();

@@ -183,6 +183,9 @@ struct Outgoing {
     /// Datagrams allowed in flight: one more per acknowledgement (doubling each round trip),
     /// halved when a round of retransmissions shows loss.
     cwnd: usize,
+    /// No further halving before this: one loss burst is retransmitted over several ticks,
+    /// and should cost one halving, not one per tick.
+    next_cut: Instant,
 }
 
 impl Outgoing {
@@ -194,6 +197,16 @@ impl Outgoing {
             limit: SEND_WINDOW as u64,
             last_ack: Instant::now(),
             cwnd: INITIAL_CWND,
+            next_cut: Instant::now(),
+        }
+    }
+
+    /// Retransmissions at `now` showed loss: halve the window, once per `round` (the first
+    /// retransmission wait, a round trip and more).
+    fn lost(&mut self, now: Instant, round: Duration) {
+        if now >= self.next_cut {
+            self.cwnd = (self.cwnd / 2).max(MIN_CWND);
+            self.next_cut = now + round;
         }
     }
 
@@ -1004,7 +1017,7 @@ impl Node {
                         resend.push((to, pending.plain.clone()));
                     }
                     if lost {
-                        out.cwnd = (out.cwnd / 2).max(MIN_CWND);
+                        out.lost(now, self.inner.config.retry_base);
                     }
                 }
             }
@@ -1091,6 +1104,23 @@ mod tests {
         }
         seen.extend(std::iter::from_fn(|| events.try_recv()));
         seen
+    }
+
+    #[test]
+    fn one_loss_burst_halves_the_congestion_window_once() {
+        let mut out = Outgoing::new();
+        let round = Duration::from_millis(200);
+        let t = Instant::now();
+        out.lost(t, round);
+        out.lost(t + Duration::from_millis(20), round);
+        out.lost(t + Duration::from_millis(40), round);
+        assert_eq!(out.cwnd, INITIAL_CWND / 2);
+        out.lost(t + round, round);
+        assert_eq!(out.cwnd, INITIAL_CWND / 4);
+        for i in 0..10 {
+            out.lost(t + round * (2 + i), round);
+        }
+        assert_eq!(out.cwnd, MIN_CWND);
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub enum Failure {
     },
     #[error("{0}")]
     Network(String),
+    /// A redirect loop, or a chain longer than `--max-redirects`: another try would loop again.
+    #[error("too many redirects")]
+    Redirects,
     #[error("timed out ({0})")]
     Timeout(String),
     #[error("checksum mismatch: expected sha-256 {want}, got {got}")]
@@ -67,7 +70,7 @@ impl Failure {
         match e {
             ureq::Error::Timeout(t) => Failure::Timeout(t.to_string()),
             ureq::Error::Io(e) => Failure::from_io(e),
-            ureq::Error::TooManyRedirects => Failure::Network("too many redirects".into()),
+            ureq::Error::TooManyRedirects => Failure::Redirects,
             ureq::Error::HostNotFound => Failure::Network("host not found".into()),
             other => Failure::Network(other.to_string()),
         }
@@ -449,6 +452,11 @@ fn attempt<'a>(
         }
         _ => None,
     };
+    if let Some(limit) = ctx.options.file_timeout {
+        // A hard limit: a body that goes silent must not outlast it by a read timeout.
+        let left = limit.saturating_sub(started.elapsed());
+        req = req.config().timeout_global(Some(left)).build();
+    }
     let rsp = req.call().map_err(Failure::from_ureq)?;
     let status = rsp.status().as_u16();
     record.http_status = Some(status);

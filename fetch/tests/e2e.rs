@@ -902,3 +902,68 @@ fn content_disposition_still_names_a_file_after_a_retry() {
     assert!(std::fs::read(out(dir.path(), "named.bin")).unwrap() == content(5));
     assert!(!out(dir.path(), "5").exists());
 }
+
+#[test]
+fn user_agent_redirect_limit_and_whole_file_timeout() {
+    let server = Server::start(|req| match req.path.as_str() {
+        "/ua" => Response::ok(req.header("User-Agent").unwrap_or("none").to_string()),
+        p if p.starts_with("/hop/") => match p["/hop/".len()..].parse::<u32>().unwrap() {
+            0 => Response::ok("arrived"),
+            n => Response::redirect(302, &format!("/hop/{}", n - 1)),
+        },
+        _ => Response::ok(vec![0u8; 10_000]).fault(Fault::StallAfter(100, Duration::from_secs(30))),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let list: String = ["/ua", "/hop/2", "/hop/3", "/stall"]
+        .iter()
+        .map(|p| server.url(p) + "\n")
+        .collect();
+    let started = Instant::now();
+    // The stalled body is silent for 30 s and each read may wait 20: only --timeout ends it.
+    let run = run_fetch(
+        dir.path(),
+        &list,
+        &[
+            "--user-agent",
+            "probe/1.0",
+            "--max-redirects",
+            "2",
+            "--timeout",
+            "1",
+            "--read-timeout",
+            "20",
+        ],
+    );
+    let took = started.elapsed();
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(
+        std::fs::read_to_string(out(dir.path(), "ua")).unwrap(),
+        "probe/1.0"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out(dir.path(), "2")).unwrap(),
+        "arrived"
+    );
+    assert!(!out(dir.path(), "3").exists());
+    let line = |needle: &str| {
+        run.stderr
+            .lines()
+            .find(|l| l.contains(needle) && !l.contains("retrying"))
+            .unwrap_or_else(|| panic!("no line about {needle}:\n{}", run.stderr))
+            .to_string()
+    };
+    assert!(
+        line("/hop/3").contains("too many redirects"),
+        "{}",
+        run.stderr
+    );
+    assert!(line("/stall").contains("took over"), "{}", run.stderr);
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+
+    // Without --user-agent, fetch names itself.
+    let dir = tempfile::tempdir().unwrap();
+    let run = run_fetch(dir.path(), &server.url("/ua\n"), &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let agent = std::fs::read_to_string(out(dir.path(), "ua")).unwrap();
+    assert!(agent.starts_with("corokit/"), "{agent}");
+}

@@ -16,5 +16,5 @@ pub mod stdin;
 
 pub use blocking::{offload, Dns, Lookup};
 pub use error::Error;
-pub use runtime::{init, join_all, sleep, spawn, Pool, RuntimeConfig};
+pub use runtime::{init, join_all, sleep, spawn, Pool, RuntimeConfig, Slot, Slots};
 pub use shutdown::Shutdown;

@@ -86,14 +86,14 @@ pub fn join_all<T>(
 /// spawns in a loop is held back instead of piling up coroutines.
 #[derive(Clone)]
 pub struct Pool {
-    slots: Arc<Semphore>,
+    slots: Slots,
 }
 
 impl Pool {
     /// A pool that runs at most `size` coroutines at once (at least one).
     pub fn new(size: usize) -> Self {
         Pool {
-            slots: Arc::new(Semphore::new(size.max(1))),
+            slots: Slots::new(size.max(1)),
         }
     }
 
@@ -104,8 +104,7 @@ impl Pool {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        self.slots.wait();
-        let slot = Slot(self.slots.clone());
+        let slot = self.slots.take();
         // On a failed spawn the closure (and the slot inside it) is dropped, freeing the slot.
         spawn(move || {
             let _slot = slot;
@@ -114,7 +113,30 @@ impl Pool {
     }
 }
 
-struct Slot(Arc<Semphore>);
+/// A counting limit for coroutines: at most N hold a [`Slot`] at once, and the others park
+/// (without blocking their worker) until one is freed. Clones share the slots.
+#[derive(Clone)]
+pub struct Slots(Arc<Semphore>);
+
+impl Slots {
+    pub fn new(n: usize) -> Self {
+        Slots(Arc::new(Semphore::new(n)))
+    }
+
+    /// Waits for a free slot; it is freed when the [`Slot`] drops, even by a panic.
+    pub fn take(&self) -> Slot {
+        self.0.wait();
+        Slot(self.0.clone())
+    }
+
+    /// True when no slot is held or waited for, and no other handle shares these slots.
+    pub fn unused(&self) -> bool {
+        Arc::strong_count(&self.0) == 1
+    }
+}
+
+/// One of [`Slots`], held until dropped.
+pub struct Slot(Arc<Semphore>);
 
 impl Drop for Slot {
     fn drop(&mut self) {

@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use may::sync::Semphore;
+use corokit_common::{Slot, Slots};
 use ring::digest;
 
 use crate::input::{Entry, Shown};
@@ -103,7 +103,7 @@ pub struct Context {
     pub reporter: Reporter,
     pub shutdown: corokit_common::Shutdown,
     claims: Mutex<HashMap<PathBuf, String>>,
-    hosts: Mutex<HashMap<String, Arc<Semphore>>>,
+    hosts: Mutex<HashMap<String, Slots>>,
     rate: Option<RateLimit>,
 }
 
@@ -132,7 +132,7 @@ impl Context {
     }
 
     /// A slot for `host` under `--per-host`, freed when dropped.
-    fn host_slot(&self, url: &str) -> Option<HostSlot> {
+    fn host_slot(&self, url: &str) -> Option<Slot> {
         if self.options.per_host == 0 {
             return None;
         }
@@ -141,20 +141,19 @@ impl Context {
             .ok()
             .and_then(|u| u.authority().map(|a| a.as_str().to_ascii_lowercase()))
             .unwrap_or_default();
-        let sem = {
+        let slots = {
             let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
             if hosts.len() >= MAX_HOSTS && !hosts.contains_key(&host) {
                 // Forget the hosts nobody is downloading from, so a list of many hosts
                 // does not grow this map without end.
-                hosts.retain(|_, sem| Arc::strong_count(sem) > 1);
+                hosts.retain(|_, slots| !slots.unused());
             }
             hosts
                 .entry(host)
-                .or_insert_with(|| Arc::new(Semphore::new(self.options.per_host)))
+                .or_insert_with(|| Slots::new(self.options.per_host))
                 .clone()
         };
-        sem.wait();
-        Some(HostSlot(sem))
+        Some(slots.take())
     }
 
     /// Claims a name in `dir` for `url`: the first of `name`, `name.1`, … that is free or
@@ -205,14 +204,6 @@ impl Context {
             Shown(name),
             dir.display()
         )))
-    }
-}
-
-struct HostSlot(Arc<Semphore>);
-
-impl Drop for HostSlot {
-    fn drop(&mut self) {
-        self.0.post();
     }
 }
 

@@ -143,6 +143,24 @@ impl Chat {
             .collect()
     }
 
+    /// `/who`'s line for `nick`, asked again until it shows another address ("also at"):
+    /// the second address is heard moments after the first (neighbour discovery).
+    fn who_with_aliases(&mut self, nick: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        let name = format!(" {nick} ");
+        loop {
+            // Earlier answers go (they are the lines that are not JSON); events stay.
+            self.seen.retain(|v| !v.is_string());
+            self.say("/who");
+            let line = self.wait_for("/who", |v| v.as_str().is_some_and(|l| l.contains(&name)));
+            let line = line.as_str().unwrap().to_string();
+            if line.contains("also at") || Instant::now() > deadline {
+                return line;
+            }
+            corokit_common::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn joined(&mut self, addr: SocketAddr) {
         let a = addr.to_string();
         self.wait_for("join", |v| v["event"] == "join" && v["from"] == a.as_str());
@@ -709,17 +727,7 @@ fn a_peer_reached_at_two_addresses_is_one_peer() {
     let mut bob = Chat::start(&["--bind", "::", "--name", "bob", "--to", &v4, "--to", &v6]);
     bob.wait_for("ana found", |v| v["event"] == "join" && v["nick"] == "ana");
     ana.wait_for("bob found", |v| v["event"] == "join" && v["nick"] == "bob");
-    let deadline = Instant::now() + WAIT;
-    let listed = loop {
-        bob.seen.retain(|v| !v.is_string());
-        bob.say("/who");
-        let line = bob.wait_for("/who", |v| v.as_str().is_some_and(|l| l.contains(" ana ")));
-        let line = line.as_str().unwrap().to_string();
-        if line.contains("also at") || Instant::now() > deadline {
-            break line;
-        }
-        corokit_common::sleep(Duration::from_millis(50));
-    };
+    let listed = bob.who_with_aliases("ana");
     assert!(
         listed.contains(&v4) && listed.contains(&v6) && listed.contains("also at"),
         "ana is listed once with both addresses: {listed}"
@@ -947,20 +955,7 @@ fn dual_stack_instances_on_two_hosts_find_each_other_once() {
     };
     one.wait_for("two found", found("two", at2));
     let from1 = two.wait_for("one found", found("one", at1))["from"].clone();
-    // The second address is heard moments after the first (neighbour discovery): ask again
-    // until /who shows it, listed under the one name.
-    let deadline = Instant::now() + WAIT;
-    let listed = loop {
-        // Earlier answers go (they are the lines that are not JSON); events stay.
-        two.seen.retain(|v| !v.is_string());
-        two.say("/who");
-        let line = two.wait_for("/who", |v| v.as_str().is_some_and(|l| l.contains(" one ")));
-        let line = line.as_str().unwrap().to_string();
-        if line.contains("also at") || Instant::now() > deadline {
-            break line;
-        }
-        corokit_common::sleep(Duration::from_millis(50));
-    };
+    let listed = two.who_with_aliases("one");
     assert!(
         listed.contains(at1) && listed.contains("[fe80::") && listed.contains("also at"),
         "one is listed once with both addresses: {listed}"

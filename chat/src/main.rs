@@ -7,7 +7,6 @@ use std::io::{self, IsTerminal, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -342,7 +341,9 @@ fn render(event: &Event, json: bool) -> Option<String> {
     })
 }
 
-struct Log(Option<Mutex<std::fs::File>>);
+/// `--log`: written by its own output thread, like stdout, so a slow disk holds no worker.
+#[derive(Clone)]
+struct Log(Option<Output>);
 
 impl Log {
     fn write(&self, direction: &str, peer: SocketAddr, nick: &Option<String>, text: &str) {
@@ -350,7 +351,13 @@ impl Log {
             let line = serde_json::json!({
                 "time": chrono::Local::now().to_rfc3339(), "direction": direction,
                 "peer": peer.to_string(), "nick": nick, "text": text });
-            let _ = writeln!(file.lock().unwrap_or_else(|e| e.into_inner()), "{line}");
+            file.line(line.to_string());
+        }
+    }
+
+    fn drain(&self) {
+        if let Some(file) = &self.0 {
+            file.drain();
         }
     }
 }
@@ -364,42 +371,55 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         !args.no_discovery,
     )?;
     let shutdown = Shutdown::on_signals()?;
-    let log = Arc::new(Log(match &args.log {
-        Some(path) => Some(Mutex::new(
+    let log = Log(match &args.log {
+        Some(path) => Some(corokit_common::output::write_lines(
             OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
                 .with_context(|| format!("cannot open the log {}", path.display()))?,
-        )),
+        )?),
         None => None,
-    }));
+    });
     let peers_file = args.peers_file.clone().or_else(|| {
         let base = std::env::var_os("XDG_STATE_HOME")
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
         Some(base.join("corokit/chat-peers"))
     });
-    let mut by_hand = Vec::new();
-    for to in &args.to {
-        by_hand.push(resolve(to)?);
-        if let Some(file) = &peers_file {
-            if let Err(e) = peers::remember(file, to) {
-                eprintln!("chat: cannot remember {to} in {}: {e}", file.display());
-            }
+    let by_hand = args
+        .to
+        .iter()
+        .map(|to| resolve(to))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let remembered = peers_file
+        .as_deref()
+        .map(peers::load_remembered)
+        .unwrap_or_default();
+    if let Some(file) = &peers_file {
+        if let Err(e) = peers::remember(file, &args.to) {
+            eprintln!(
+                "chat: cannot remember --to peers in {}: {e}",
+                file.display()
+            );
         }
     }
-    // One hello per peer: those given now were also just written to the remembered list.
-    let mut greet = by_hand.clone();
-    for remembered in peers_file.iter().flat_map(|f| peers::load_remembered(f)) {
-        if let Ok(addr) = resolve(&remembered) {
-            if !greet.contains(&addr) {
-                greet.push(addr);
-            }
-        }
-    }
-    for addr in greet {
+    for &addr in &by_hand {
         node.hello(addr);
+    }
+    // Remembered names are resolved in the background: one slow lookup must not hold up
+    // the start. One hello per peer, however it was given.
+    {
+        let (node, greeted) = (node.clone(), by_hand.clone());
+        corokit_common::spawn(move || {
+            let mut greeted = greeted;
+            for addr in remembered.iter().filter_map(|r| resolve(r).ok()) {
+                if !greeted.contains(&addr) {
+                    greeted.push(addr);
+                    node.hello(addr);
+                }
+            }
+        })?;
     }
 
     let interactive =
@@ -475,6 +495,7 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     shutdown.wait();
     node.stop();
     out.drain();
+    log.drain();
     // Let the goodbyes leave before the process ends.
     corokit_common::sleep(Duration::from_millis(50));
     Ok(ExitCode::SUCCESS)
@@ -483,7 +504,7 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
 struct Input {
     node: Node,
     out: Output,
-    log: Arc<Log>,
+    log: Log,
     dest: Option<SocketAddr>,
 }
 

@@ -176,7 +176,7 @@ struct Outgoing {
     next_seq: u64,
     pending: BTreeMap<u64, Pending>,
     /// Message id (its first seq) → (fragments unacknowledged, text).
-    messages: HashMap<u64, (usize, Arc<String>)>,
+    messages: HashMap<u64, (usize, String)>,
     /// The receive window: the highest sequence the destination said it has room for.
     limit: u64,
     last_ack: Instant,
@@ -492,13 +492,14 @@ impl Node {
             .get(&to)
             .is_some_and(|o| o.must_wait(parts.len(), probe_after))
         {
-            if self.inner.stopped.is_fired() || waiting.elapsed() > patience {
+            if waiting.elapsed() > patience
+                || self.inner.stopped.wait_timeout(Duration::from_millis(1))
+            {
                 return Err(io::Error::new(
                     io::ErrorKind::WouldBlock,
                     format!("{to} is not taking messages (its reader is behind); not sent"),
                 ));
             }
-            corokit_common::sleep(Duration::from_millis(1));
         }
         let mut datagrams = Vec::with_capacity(parts.len());
         let id = {
@@ -533,8 +534,7 @@ impl Node {
                     },
                 );
             }
-            out.messages
-                .insert(id, (parts.len(), Arc::new(text.to_string())));
+            out.messages.insert(id, (parts.len(), text.to_string()));
             id
         };
         for plain in datagrams {
@@ -600,11 +600,13 @@ impl Node {
     /// Sends a plain protocol datagram, sealed when there is a key. Errors (an unreachable
     /// network, say) are left to retransmission and, in the end, to not-delivered.
     fn transmit(&self, to: SocketAddr, plain: &[u8]) {
-        let bytes = match &self.inner.config.key {
-            Some(key) => key.seal(plain, self.inner.counter.fetch_add(1, Ordering::Relaxed)),
-            None => plain.to_vec(),
+        let _ = match &self.inner.config.key {
+            Some(key) => {
+                let counter = self.inner.counter.fetch_add(1, Ordering::Relaxed);
+                self.inner.socket.send_to(&key.seal(plain, counter), to)
+            }
+            None => self.inner.socket.send_to(plain, to),
         };
-        let _ = self.inner.socket.send_to(&bytes, to);
     }
 
     /// Queues an event for the user. What a source causes (its plain messages, joins and
@@ -853,7 +855,7 @@ impl Node {
             if seq < expected || stream.held.contains_key(&seq) {
                 self.inner.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 drop(incoming);
-                self.ack(from, instance, seq);
+                self.ack(from, instance, seq, expected - 1);
                 return;
             }
             if !self.inner.queued.has_room(from) {
@@ -861,7 +863,7 @@ impl Node {
                 // update tells the sender to hold it until the user has caught up.
                 self.inner.stats.queue_full.fetch_add(1, Ordering::Relaxed);
                 drop(incoming);
-                self.ack(from, instance, 0);
+                self.ack(from, instance, 0, expected - 1);
                 return;
             }
             if seq >= expected + REORDER_WINDOW {
@@ -874,17 +876,19 @@ impl Node {
             }
             stream.held.insert(seq, p);
         }
-        self.release(instance, from);
-        self.ack(from, instance, seq);
+        let delivered = self.release(instance, from);
+        self.ack(from, instance, seq, delivered);
     }
 
-    /// Shows every message of `instance` that is now complete and in order.
-    fn release(&self, instance: u64, from: SocketAddr) {
+    /// Shows every message of `instance` that is now complete and in order, and returns the
+    /// highest sequence delivered in order.
+    fn release(&self, instance: u64, from: SocketAddr) -> u64 {
         let mut complete = Vec::new();
+        let delivered;
         {
             let mut incoming = lock(&self.inner.incoming);
             let Some(stream) = incoming.get_mut(&(from, instance)) else {
-                return;
+                return 0;
             };
             let mut next = stream.expected.unwrap_or(1);
             while let Some(packet) = stream.held.remove(&next) {
@@ -906,6 +910,7 @@ impl Node {
                 }
             }
             stream.expected = Some(next);
+            delivered = next - 1;
         }
         for (nick, text) in complete {
             self.emit(Event::Message {
@@ -914,17 +919,14 @@ impl Node {
                 text,
             });
         }
+        delivered
     }
 
     /// Acknowledges `seq` (0: acknowledges nothing, a window update) with the window: the
-    /// sender may go as far past what arrived in order as the user's queue has room.
-    fn ack(&self, to: SocketAddr, instance: u64, seq: u64) {
+    /// sender may go as far past `delivered` (what arrived in order) as the user's queue has
+    /// room.
+    fn ack(&self, to: SocketAddr, instance: u64, seq: u64, delivered: u64) {
         let room = self.inner.queued.room(to);
-        let delivered = lock(&self.inner.incoming)
-            .get(&(to, instance))
-            .and_then(|s| s.expected)
-            .unwrap_or(1)
-            - 1;
         if room < LOW_ROOM {
             self.short_of_room(to, instance, room);
         } else if seq == 0 {
@@ -956,7 +958,11 @@ impl Node {
             .map(|(&from, &(instance, _))| (from, instance))
             .collect();
         for (from, instance) in opened {
-            self.ack(from, instance, 0);
+            let delivered = lock(&self.inner.incoming)
+                .get(&(from, instance))
+                .and_then(|s| s.expected)
+                .map_or(0, |e| e - 1);
+            self.ack(from, instance, 0, delivered);
         }
     }
 
@@ -1032,12 +1038,7 @@ impl Node {
             }
             for (to, id, text) in failed {
                 let nick = lock(&self.inner.peers).get(to).and_then(|p| p.nick.clone());
-                self.emit(Event::NotDelivered {
-                    to,
-                    nick,
-                    id,
-                    text: text.to_string(),
-                });
+                self.emit(Event::NotDelivered { to, nick, id, text });
             }
             if now >= next_presence {
                 next_presence = now + self.inner.config.presence_every;

@@ -98,7 +98,9 @@ impl Peers {
             }
             let peer = self.map.get_mut(&run).expect("a run is listed");
             peer.heard(addr, now);
-            peer.nick = nick.map(str::to_string);
+            if peer.nick.as_deref() != nick {
+                peer.nick = nick.map(str::to_string);
+            }
             return false;
         }
         self.remove(addr);
@@ -247,13 +249,18 @@ pub fn load_remembered(path: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Adds `peer` to the file unless it is there already.
-pub fn remember(path: &Path, peer: &str) -> io::Result<()> {
+/// Adds the `peers` that are not in the file yet, with one write.
+pub fn remember(path: &Path, peers: &[String]) -> io::Result<()> {
     let mut known = load_remembered(path);
-    if known.iter().any(|k| k == peer) {
+    let before = known.len();
+    for peer in peers {
+        if !known.contains(peer) {
+            known.push(peer.clone());
+        }
+    }
+    if known.len() == before {
         return Ok(());
     }
-    known.push(peer.to_string());
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -349,9 +356,8 @@ mod tests {
     fn remembered_peers_survive_in_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state/peers");
-        remember(&path, "10.1.2.3:7890").unwrap();
-        remember(&path, "[::1]:7890").unwrap();
-        remember(&path, "10.1.2.3:7890").unwrap();
+        remember(&path, &["10.1.2.3:7890".into()]).unwrap();
+        remember(&path, &["[::1]:7890".into(), "10.1.2.3:7890".into()]).unwrap();
         assert_eq!(load_remembered(&path), ["10.1.2.3:7890", "[::1]:7890"]);
     }
 }

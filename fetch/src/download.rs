@@ -59,13 +59,6 @@ impl Failure {
         }
     }
 
-    fn status(&self) -> Option<u16> {
-        match self {
-            Failure::Status { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-
     fn from_ureq(e: ureq::Error) -> Failure {
         match e {
             ureq::Error::Timeout(t) => Failure::Timeout(t.to_string()),
@@ -256,8 +249,7 @@ impl RateLimit {
 /// Downloads one entry, retrying as allowed, and says how it went.
 pub fn fetch(ctx: &Context, entry: &Entry) -> Record {
     let started = Instant::now();
-    let url = entry.urls[0].clone();
-    let mut record = Record::new(entry.line, &url);
+    let mut record = Record::new(entry.line, &entry.urls[0]);
     let result = run(ctx, entry, &mut record, started);
     record.elapsed = started.elapsed();
     match result {
@@ -268,7 +260,6 @@ pub fn fetch(ctx: &Context, entry: &Entry) -> Record {
             } else {
                 Outcome::Failed
             };
-            record.http_status = record.http_status.or(failure.status());
             record.error = Some(failure.to_string());
         }
     }
@@ -310,10 +301,14 @@ fn run(
     }
     let mut claim = ctx.claim(&dir, &named.name, url)?;
     record.path = Some(claim.paths.done.clone());
-    if resume::plan(&claim.paths, claim.state.as_ref()) == Plan::Skip {
-        record.bytes = fs::metadata(&claim.paths.done)
-            .map(|m| m.len())
-            .unwrap_or(0);
+    // Only a complete record can skip; anything else is planned once, by the attempt.
+    let complete = claim.state.as_ref().filter(|s| s.complete);
+    if complete.is_some() && resume::plan(&claim.paths, complete) == Plan::Skip {
+        // The plan checked the file's size against the recorded length.
+        record.bytes = match complete.and_then(|s| s.length) {
+            Some(length) => length,
+            None => fs::metadata(&claim.paths.done).map_or(0, |m| m.len()),
+        };
         if let Some(want) = entry.sha256 {
             record.sha256 = Some(verify(&claim.paths.done, &want)?);
         }
@@ -342,7 +337,6 @@ fn run(
             Ok(()) => return Ok(Outcome::Ok),
             Err(f) => f,
         };
-        record.http_status = failure.status().or(record.http_status);
         if matches!(
             failure,
             Failure::Interrupted | Failure::Disk { .. } | Failure::Checksum { .. }

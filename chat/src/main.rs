@@ -43,7 +43,8 @@ struct Args {
     /// Do not announce by broadcast and multicast (peers can still be added with --to).
     #[arg(long)]
     no_discovery: bool,
-    /// Print one JSON object per event (message, join, leave, not_delivered) on stdout.
+    /// Print one JSON object per event (listening, message, join, leave, not_delivered,
+    /// notice) on stdout; replies to commands stay plain text.
     #[arg(long)]
     json: bool,
     /// Append every message sent and received to this file as JSON lines.

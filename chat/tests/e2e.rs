@@ -166,6 +166,18 @@ impl Chat {
         self.wait_for("join", |v| v["event"] == "join" && v["from"] == a.as_str());
     }
 
+    /// Waits for `chat` to end by itself: its exit code, or `None` if it is still running.
+    fn exit_code(mut self) -> Option<i32> {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            corokit_common::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     fn terminate(mut self) -> i32 {
         Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -752,6 +764,37 @@ fn a_peer_reached_at_two_addresses_is_one_peer() {
     ana.messages(Duration::from_millis(300));
     assert_eq!(count(&ana, "join"), 1, "{:#?}", ana.seen);
     assert_eq!(count(&ana, "leave"), 1, "{:#?}", ana.seen);
+}
+
+#[test]
+fn a_rename_shows_in_the_next_message_and_quit_says_goodbye() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "a shared secret\n").unwrap();
+    let key = key.to_str().unwrap();
+    let mut a = Chat::start(&["--name", "ana", "--key-file", key]);
+    let to_a = a.addr.to_string();
+    let mut b = Chat::start(&["--name", "bob", "--key-file", key, "--to", &to_a]);
+    a.joined(b.addr);
+    b.say("/nick rob");
+    b.say("after the rename");
+    let ba = b.addr;
+    a.wait_for("the line under the new name", |v| {
+        msg_from(v, ba, "after the rename") && v["nick"] == "rob"
+    });
+    b.say("/quit");
+    assert_eq!(b.exit_code(), Some(0));
+    let bs = ba.to_string();
+    a.wait_for("the goodbye", |v| {
+        v["event"] == "leave" && v["from"] == bs.as_str()
+    });
+    // A key file that cannot be read is a usage error, not a run without a key.
+    let (code, err) = refused(&["--key-file", "/nonexistent/key", "--no-discovery"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("cannot read the key file /nonexistent/key"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -616,6 +616,16 @@ fn the_list_can_come_from_stdin() {
 
 #[test]
 fn ctrl_c_stops_cleanly_and_keeps_partial_files() {
+    // SIGINT, as Ctrl-C sends.
+    stops_cleanly_on("-INT");
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_keeps_partial_files() {
+    stops_cleanly_on("-TERM");
+}
+
+fn stops_cleanly_on(signal: &str) {
     let server = Server::start(|req| Response::file(req, &vec![3u8; 2_000_000], "\"big\"", LM));
     let dir = tempfile::tempdir().unwrap();
     let list: String = (0..4).map(|i| server.url(&format!("/big{i}\n"))).collect();
@@ -632,9 +642,8 @@ fn ctrl_c_stops_cleanly_and_keeps_partial_files() {
     while Instant::now() < deadline && !out(dir.path(), "big0.part").exists() {
         corokit_common::sleep(Duration::from_millis(20));
     }
-    // SIGINT, as Ctrl-C sends.
     let pid = child.id().to_string();
-    Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    Command::new("kill").args([signal, &pid]).status().unwrap();
     let output = child.wait_with_output().unwrap();
     assert_eq!(
         output.status.code(),

@@ -37,7 +37,7 @@ fn main() {
             let mut buf = vec![0u8; 65_507];
             while let Ok((n, from)) = socket.recv_from(&mut buf) {
                 // Never print raw network bytes: escape control and invisible characters.
-                let text: String = String::from_utf8_lossy(&buf[..n]).escape_debug().collect();
+                let text = corokit_common::text::escape_bytes(&buf[..n]);
                 println!(">>>({}, {}):{}", from.ip(), from.port(), text);
             }
         })

@@ -430,3 +430,29 @@ fn http_and_https_go_through_a_connect_proxy() {
         "the requests did not go through the proxy"
     );
 }
+
+#[test]
+fn waits_shorter_than_a_millisecond_still_end() {
+    one_worker();
+    // may keeps such timeouts in whole milliseconds: under one, a raw wait never ends. The
+    // test thread waits with a deadline of its own, so a regression fails instead of hanging.
+    let (done, finished) = std::sync::mpsc::channel();
+    spawn(move || {
+        for micros in [1, 100, 658, 999] {
+            assert!(!Shutdown::new().wait_timeout(Duration::from_micros(micros)));
+            let (_tx, rx) = may::sync::mpsc::channel::<()>();
+            let limit = corokit_common::wait_limit(Duration::from_micros(micros));
+            assert!(rx.recv_timeout(limit).is_err());
+        }
+        let _ = done.send(());
+    })
+    .unwrap();
+    assert!(
+        finished.recv_timeout(Duration::from_secs(5)).is_ok(),
+        "a sub-millisecond wait never ended"
+    );
+    assert_eq!(
+        corokit_common::wait_limit(Duration::from_micros(1500)),
+        Duration::from_millis(2)
+    );
+}

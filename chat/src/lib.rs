@@ -1,10 +1,18 @@
 //! `chat`: LAN messaging over UDP between `chat` instances (acknowledged, ordered, with
 //! discovery and optional encryption) and plain peers such as `nc -u`.
+//!
+//! [`core`] is the protocol as a state machine with no I/O; [`node`] drives it on a socket;
+//! [`app`] is the program around it, with [`command`], [`render`] and [`terminal`].
 
-pub mod display;
+pub mod app;
+pub mod command;
+pub mod core;
 pub mod node;
-pub mod peers;
+pub mod remembered;
+pub mod render;
 pub mod seal;
+pub mod terminal;
 pub mod wire;
 
-pub use node::{Config, Event, Events, Node, Sent};
+pub use crate::core::{Config, Event, Sent};
+pub use node::{Events, Node};

@@ -70,7 +70,7 @@ where
     if let Ok(jobs) = pool().jobs.lock() {
         let _ = jobs.send(job);
     }
-    match rx.recv_timeout(timeout) {
+    match rx.recv_timeout(crate::wait_limit(timeout)) {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(_)) => Err(Error::OffloadPanicked),
         Err(_) => Err(Error::OffloadTimeout(timeout)),
@@ -192,7 +192,7 @@ impl Dns {
                 let _ = jobs.send(job);
             }
         }
-        if !pending.done.wait_timeout(timeout) {
+        if !pending.done.wait_timeout(crate::wait_limit(timeout)) {
             if lead {
                 // Let the next caller start afresh rather than wait on a lookup that hangs.
                 self.forget_pending(&key, &pending);

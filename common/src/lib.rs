@@ -10,11 +10,14 @@ pub mod blocking;
 mod error;
 pub mod http;
 pub mod output;
+pub mod rate;
 pub mod runtime;
 pub mod shutdown;
 pub mod stdin;
+pub mod text;
 
 pub use blocking::{offload, Dns, Lookup};
 pub use error::Error;
-pub use runtime::{init, join_all, sleep, spawn, Pool, RuntimeConfig, Slot, Slots};
+pub use rate::TokenBucket;
+pub use runtime::{init, join_all, sleep, spawn, wait_limit, Pool, RuntimeConfig, Slot, Slots};
 pub use shutdown::Shutdown;

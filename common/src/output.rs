@@ -43,6 +43,13 @@ impl Output {
             let _ = rx.recv();
         }
     }
+
+    /// Waits at most `limit` for every line queued so far to be written; false when the
+    /// reader is not reading (the process can still end: the writer thread holds nothing).
+    pub fn drain_timeout(&self, limit: std::time::Duration) -> bool {
+        let (tx, rx) = mpsc::channel();
+        self.tx.send(Item::Drained(tx)).is_ok() && rx.recv_timeout(crate::wait_limit(limit)).is_ok()
+    }
 }
 
 /// Starts the writer thread for the process's standard output. Call it once per process.

@@ -80,7 +80,7 @@ impl Shutdown {
     /// Parks until a stop is requested or `timeout` passes; true if requested. A coroutine
     /// that should pause between tries uses this instead of `sleep` so it stops at once.
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
-        self.flag.wait_timeout(timeout)
+        self.flag.wait_timeout(crate::wait_limit(timeout))
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use corokit_common::{Slot, Slots};
+use corokit_common::{Slot, Slots, TokenBucket};
 use ring::digest;
 
 use crate::input::{Entry, Shown};
@@ -215,34 +215,24 @@ impl Drop for Claim<'_> {
     }
 }
 
-/// `--limit-rate`: one token bucket for the whole run.
-struct RateLimit {
-    rate: u64,
-    bucket: Mutex<(f64, Instant)>,
-}
+/// `--limit-rate`: one token bucket for the whole run, with at most a tenth of a second of
+/// burst.
+struct RateLimit(Mutex<TokenBucket>);
 
 impl RateLimit {
     fn new(rate: u64) -> Self {
-        RateLimit {
-            rate: rate.max(1),
-            bucket: Mutex::new((0.0, Instant::now())),
-        }
+        let rate = rate.max(1) as f64;
+        RateLimit(Mutex::new(TokenBucket::empty(
+            rate,
+            rate / 10.0,
+            Instant::now(),
+        )))
     }
 
     /// Takes `n` bytes' worth of tokens and returns how long to wait for them.
     fn take(&self, n: usize) -> Duration {
-        let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let rate = self.rate as f64;
-        // At most a tenth of a second of burst.
-        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * rate).min(rate / 10.0);
-        b.1 = now;
-        b.0 -= n as f64;
-        if b.0 >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-b.0 / rate)
-        }
+        let mut bucket = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        bucket.take(Instant::now(), n as f64)
     }
 }
 

@@ -1,0 +1,461 @@
+//! The `chat` program without its argument parsing: binding the socket, the interactive
+//! session (one coroutine takes what the user types, another shows what arrives) and
+//! `chat send`.
+
+use std::fs::OpenOptions;
+use std::io::{self, IsTerminal};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use corokit_common::output::Output;
+use corokit_common::text::{escape, json_line};
+use corokit_common::Shutdown;
+
+use crate::command::{self, Command, HELP};
+use crate::core::{Config, Discovery, Event, Greeting, Protocol, Sent};
+use crate::node::{Events, Node};
+use crate::seal::Key;
+use crate::{remembered, render};
+
+/// What both `chat` and `chat send` are told.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub port: Option<u16>,
+    pub bind: Option<String>,
+    pub nick: Option<String>,
+    pub key_file: Option<PathBuf>,
+    pub tries: u32,
+    pub ack_timeout: Duration,
+}
+
+/// What only the interactive `chat` is told.
+#[derive(Debug, Clone, Default)]
+pub struct Session {
+    pub to: Vec<String>,
+    pub discovery: bool,
+    pub json: bool,
+    pub log: Option<PathBuf>,
+    pub peers_file: Option<PathBuf>,
+}
+
+/// How long a line to an address greeted by hand waits for it to answer as a chat peer
+/// before going out as plain text.
+const GREETING_WAIT: Duration = Duration::from_secs(1);
+/// How long the output may take to reach its reader once we are asked to stop.
+const DRAIN_AT_EXIT: Duration = Duration::from_millis(500);
+
+/// `HOST:PORT`, `[v6]:PORT` or `v6` literal with a port, resolved off the worker threads.
+pub fn resolve(text: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let (host, port) = text
+        .rsplit_once(':')
+        .with_context(|| format!("{:?} is not HOST:PORT", escape(text)))?;
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("{:?}: bad port", escape(text)))?;
+    let addrs = corokit_common::Dns::system()
+        .resolve(host.trim_matches(['[', ']']), port, Duration::from_secs(5))
+        .with_context(|| format!("{:?}", escape(text)))?;
+    addrs
+        .into_iter()
+        .next()
+        .with_context(|| format!("{:?}: no address", escape(text)))
+}
+
+/// Binds `--bind`, or by default `::` for IPv6 and IPv4 at once, falling back to `0.0.0.0`
+/// on a host without IPv6 (but not when the port is in use: that stays an error).
+pub fn bind(bind: Option<&str>, port: u16) -> anyhow::Result<may::net::UdpSocket> {
+    let addr = match bind {
+        None => {
+            return bind_to(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))).or_else(|e| {
+                let in_use = e.downcast_ref::<io::Error>().map(io::Error::kind)
+                    == Some(io::ErrorKind::AddrInUse);
+                if in_use {
+                    Err(e)
+                } else {
+                    bind_to(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+                }
+            });
+        }
+        Some(b) => match b.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                let ip: IpAddr = b.trim_matches(['[', ']']).parse().with_context(|| {
+                    format!("--bind {:?} is not an IP address or IP:PORT", escape(b))
+                })?;
+                SocketAddr::new(ip, port)
+            }
+        },
+    };
+    bind_to(addr)
+}
+
+fn bind_to(addr: SocketAddr) -> anyhow::Result<may::net::UdpSocket> {
+    use socket2::{Domain, Protocol as P, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(P::UDP))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    // Room for bursts; the kernel caps it at net.core.rmem_max.
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    // No SO_REUSEADDR/SO_REUSEPORT: a port in use must be an error, not a shared socket.
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("cannot bind UDP {addr} (is another chat using the port?)"))?;
+    socket.set_nonblocking(true)?;
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: the fd comes from a socket we own and give up here; may takes it over.
+    Ok(unsafe { may::net::UdpSocket::from_raw_fd(socket.into_raw_fd()) })
+}
+
+/// The shared secret from `--key-file`, or else from `CHAT_KEY`.
+pub fn load_key(key_file: Option<&Path>) -> anyhow::Result<Option<Key>> {
+    let secret = match key_file {
+        Some(path) => std::fs::read(path)
+            .with_context(|| format!("cannot read the key file {}", path.display()))?,
+        None => match std::env::var_os("CHAT_KEY") {
+            Some(v) => v.into_encoded_bytes(),
+            None => return Ok(None),
+        },
+    };
+    let secret = secret.trim_ascii();
+    if secret.is_empty() {
+        bail!("the key is empty");
+    }
+    Ok(Some(Key::derive(secret)))
+}
+
+fn default_nick() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "user".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    format!("{user}@{host}")
+}
+
+fn config(opts: &Options, key: Option<Key>, discovery: Option<u16>) -> Config {
+    Config {
+        nick: opts.nick.clone().unwrap_or_else(default_nick),
+        key,
+        discovery: discovery.map(|port| Discovery {
+            port,
+            ipv4: true,
+            ipv6: true,
+        }),
+        tries: opts.tries,
+        retry_base: opts.ack_timeout.max(Duration::from_millis(1)),
+        ..Config::default()
+    }
+}
+
+/// `chat send HOST:PORT TEXT`: 0 once a chat peer acknowledged it or a plain peer was sent
+/// it; 1 when it was not accepted (nothing listening, refused, never acknowledged).
+pub fn send_one(opts: &Options, to: &str, text: &str) -> anyhow::Result<ExitCode> {
+    let to = resolve(to)?;
+    let key = load_key(opts.key_file.as_deref())?;
+    // Any free port unless one was asked for, so it works beside a running chat.
+    let socket = bind(opts.bind.as_deref(), opts.port.unwrap_or(0))?;
+    // Connected, so that an ICMP "port unreachable" comes back as an error.
+    socket
+        .connect(to)
+        .with_context(|| format!("cannot send to {to}"))?;
+    let (node, events) = Node::start(socket, config(opts, key, None))?;
+    node.greet(to);
+    node.wait_for_greeting(to, Duration::from_secs(2));
+    let outcome = match node.send(to, text) {
+        Err(e) => {
+            eprintln!("chat: {e}");
+            ExitCode::from(1)
+        }
+        Ok(Sent::Plain) => match wait_for(
+            &events,
+            Duration::from_millis(300),
+            |e| matches!(e, Event::Unreachable { to: t } if *t == to),
+        ) {
+            Some(_) => {
+                eprintln!("chat: nothing is listening at {to}; not sent");
+                ExitCode::from(1)
+            }
+            None => ExitCode::SUCCESS,
+        },
+        Ok(Sent::Reliable(id)) => match wait_for(
+            &events,
+            Duration::from_secs(120),
+            |e| matches!(e, Event::Delivered { id: d, .. } | Event::NotDelivered { id: d, .. } if *d == id),
+        ) {
+            Some(Event::Delivered { .. }) => ExitCode::SUCCESS,
+            _ => {
+                eprintln!("chat: not delivered to {to}");
+                ExitCode::from(1)
+            }
+        },
+    };
+    node.stop();
+    Ok(outcome)
+}
+
+/// The first event matching `want` within `limit`.
+fn wait_for(events: &Events, limit: Duration, want: impl Fn(&Event) -> bool) -> Option<Event> {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        let left = until.checked_duration_since(std::time::Instant::now())?;
+        let e = events.recv_timeout(Some(left))?;
+        if want(&e) {
+            return Some(e);
+        }
+    }
+}
+
+/// `--log`: written by its own output thread, like stdout, so a slow disk holds no worker.
+#[derive(Clone)]
+struct Log(Option<Output>);
+
+impl Log {
+    fn write(&self, direction: &str, peer: SocketAddr, nick: Option<&str>, text: &str) {
+        if let Some(file) = &self.0 {
+            file.line(json_line(&serde_json::json!({
+                "time": chrono::Local::now().to_rfc3339(), "direction": direction,
+                "peer": peer.to_string(), "nick": nick, "text": text })));
+        }
+    }
+
+    fn drain(&self) {
+        if let Some(file) = &self.0 {
+            file.drain_timeout(DRAIN_AT_EXIT);
+        }
+    }
+}
+
+/// The interactive `chat` (or a script's, when stdin is not a terminal): runs until
+/// Ctrl-C, SIGTERM, SIGHUP or `/quit`.
+pub fn run(opts: &Options, session: Session) -> anyhow::Result<ExitCode> {
+    let key = load_key(opts.key_file.as_deref())?;
+    let encrypted = key.is_some();
+    let socket = bind(opts.bind.as_deref(), opts.port.unwrap_or(7890))?;
+    let port = socket.local_addr()?.port();
+    let (node, events) = Node::start(socket, config(opts, key, session.discovery.then_some(port)))?;
+    let shutdown = Shutdown::on_signals()?;
+    let log = Log(match &session.log {
+        Some(path) => Some(corokit_common::output::write_lines(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open the log {}", path.display()))?,
+        )?),
+        None => None,
+    });
+    let peers_file = session.peers_file.clone().or_else(remembered::default_file);
+    let by_hand = session
+        .to
+        .iter()
+        .map(|to| resolve(to))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let remembered = peers_file
+        .as_deref()
+        .map(remembered::load)
+        .unwrap_or_default();
+    if let Some(file) = &peers_file {
+        if let Err(e) = remembered::remember(file, &session.to) {
+            eprintln!(
+                "chat: cannot remember --to peers in {}: {e}",
+                file.display()
+            );
+        }
+    }
+    for &addr in &by_hand {
+        node.greet(addr);
+    }
+    // Remembered names are resolved in the background: one slow lookup must not hold up
+    // the start.
+    {
+        let node = node.clone();
+        corokit_common::spawn(move || {
+            for addr in remembered.iter().filter_map(|r| resolve(r).ok()) {
+                node.greet(addr);
+            }
+        })?;
+    }
+
+    let interactive = io::stdin().is_terminal() && io::stdout().is_terminal() && !session.json;
+    let (lines, out) = if interactive {
+        let (lines, above) = crate::terminal::editor(shutdown.clone())?;
+        (lines, corokit_common::output::write_lines(above)?)
+    } else {
+        (
+            corokit_common::stdin::lines(),
+            corokit_common::output::stdout()?,
+        )
+    };
+    let local = node.local_addr()?;
+    if session.json {
+        out.line(render::listening(local, &node.nick(), &render::clock()));
+    } else {
+        out.line(format!(
+            "chat: {} on {local} ({}); /help for commands",
+            escape(&node.nick()),
+            if encrypted {
+                "encrypted"
+            } else {
+                "not encrypted"
+            }
+        ));
+    }
+
+    // Showing what arrives: its own coroutine, so input never waits for output.
+    {
+        let (out, log, json) = (out.clone(), log.clone(), session.json);
+        corokit_common::spawn(move || {
+            while let Some(event) = events.recv() {
+                if let Event::Message { from, nick, text } = &event {
+                    log.write("in", *from, nick.as_deref(), text);
+                }
+                let clock = render::clock();
+                let line = if json {
+                    render::json(&event, &clock)
+                } else {
+                    render::text(&event, &clock)
+                };
+                if let Some(line) = line {
+                    out.line(line);
+                }
+            }
+        })?;
+    }
+
+    // Taking what the user types.
+    {
+        let mut input = Input {
+            node: node.clone(),
+            out: out.clone(),
+            log: log.clone(),
+            dest: by_hand.first().copied(),
+        };
+        let shutdown = shutdown.clone();
+        corokit_common::spawn(move || {
+            // Give peers added by hand a moment to answer, so the first line goes out
+            // acknowledged rather than as plain text.
+            for &addr in &by_hand {
+                input.node.wait_for_greeting(addr, GREETING_WAIT);
+            }
+            while let Some(Ok(line)) = lines.recv() {
+                if !input.line(&line) {
+                    shutdown.request();
+                    return;
+                }
+            }
+        })?;
+    }
+
+    shutdown.wait();
+    node.stop();
+    // A reader that stopped reading must not keep us from ending.
+    out.drain_timeout(DRAIN_AT_EXIT);
+    log.drain();
+    // Let the goodbyes leave before the process ends.
+    corokit_common::sleep(Duration::from_millis(50));
+    Ok(ExitCode::SUCCESS)
+}
+
+struct Input {
+    node: Node,
+    out: Output,
+    log: Log,
+    dest: Option<SocketAddr>,
+}
+
+impl Input {
+    /// Handles one typed line; false for /quit.
+    fn line(&mut self, line: &str) -> bool {
+        match command::parse(line) {
+            Command::Nothing => {}
+            Command::Quit => return false,
+            Command::Help => self.out.line(HELP.into()),
+            Command::To(None) => {
+                self.dest = None;
+                self.out.line("chat: sending to every known peer".into());
+            }
+            Command::To(Some(to)) => match resolve(to) {
+                Ok(addr) => {
+                    self.node.greet(addr);
+                    self.dest = Some(addr);
+                    self.out.line(format!("chat: sending to {addr}"));
+                }
+                Err(e) => self.out.line(format!("chat: {e:#}")),
+            },
+            Command::Nick(name) => {
+                self.node.set_nick(name);
+                self.out
+                    .line(format!("chat: you are now {}", escape(&self.node.nick())));
+            }
+            Command::Who => {
+                for line in render::who_lines(&self.node.peers()) {
+                    self.out.line(line);
+                }
+                self.out.line(format!("  {}", self.node.stats().summary()));
+            }
+            Command::Stats => self
+                .out
+                .line(format!("chat: {}", self.node.stats().summary())),
+            Command::All(text) => self.send_all(text),
+            Command::Msg { nick, text } => self.send_nick(nick, text),
+            Command::Say(text) => match self.dest {
+                Some(to) => self.send(to, text),
+                None => self.send_all(text),
+            },
+            Command::Usage(usage) => self.out.line(format!("chat: {usage}")),
+            Command::Unknown(cmd) => self
+                .out
+                .line(format!("chat: unknown command {}; {HELP}", escape(cmd))),
+        }
+        true
+    }
+
+    fn send(&self, to: SocketAddr, text: &str) {
+        if self.node.greeting(to) == Some(Greeting::Pending) {
+            self.node.wait_for_greeting(to, GREETING_WAIT);
+        }
+        match self.node.send(to, text) {
+            Ok(_) => {
+                let nick = self.node.chat_peer(to).map(|(_, n)| n);
+                self.log.write("out", to, nick.as_deref(), text)
+            }
+            Err(e) => self.out.line(format!("chat: {e}")),
+        }
+    }
+
+    fn send_all(&self, text: &str) {
+        let peers = self.node.peers();
+        if peers.is_empty() {
+            self.out
+                .line("chat: nobody to send to yet: use /to HOST:PORT".into());
+        }
+        for p in peers {
+            self.send(p.addr, text);
+        }
+    }
+
+    fn send_nick(&self, nick: &str, text: &str) {
+        let matches: Vec<SocketAddr> = self
+            .node
+            .peers()
+            .into_iter()
+            .filter(|p| p.protocol == Protocol::Chat && p.nick.as_deref() == Some(nick))
+            .map(|p| p.addr)
+            .collect();
+        if matches.is_empty() {
+            self.out.line(format!(
+                "chat: no peer called {}; /who lists them",
+                escape(nick)
+            ));
+        }
+        for addr in matches {
+            self.send(addr, text);
+        }
+    }
+}

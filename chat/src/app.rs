@@ -343,10 +343,20 @@ pub fn run(opts: &Options, session: Session) -> anyhow::Result<ExitCode> {
             for &addr in &by_hand {
                 input.node.wait_for_greeting(addr, GREETING_WAIT);
             }
-            while let Some(Ok(line)) = lines.recv() {
-                if !input.line(&line) {
-                    shutdown.request();
-                    return;
+            loop {
+                match lines.recv() {
+                    Some(Ok(line)) => {
+                        if !input.line(&line) {
+                            shutdown.request();
+                            return;
+                        }
+                    }
+                    Some(Err(corokit_common::stdin::LineError::TooLong { limit })) => {
+                        input.out.line(format!(
+                            "chat: a line longer than {limit} bytes was not sent"
+                        ))
+                    }
+                    Some(Err(_)) | None => return,
                 }
             }
         })?;

@@ -153,6 +153,14 @@ impl ReplayWindow {
         true
     }
 
+    /// Starts the window at `counter`, taking it and every counter below it as seen: what a
+    /// run sealed before the datagram that verified it is over (retransmissions are sealed
+    /// afresh), so a copy of it is a replay.
+    pub fn start_after(&mut self, counter: u64) {
+        self.highest = counter;
+        self.seen = [u64::MAX; WINDOW_WORDS];
+    }
+
     /// Moves every bit `by` places towards the old end (bit i of the window: `highest - i`).
     fn shift(&mut self, by: u64) {
         if by >= REPLAY_WINDOW {
@@ -219,6 +227,15 @@ mod tests {
         assert!(!w.accept(700 - 300));
         assert!(w.accept(701));
         assert!(!w.accept(699) && !w.accept(700 - 300));
+    }
+
+    #[test]
+    fn a_window_started_after_a_counter_refuses_everything_before() {
+        let mut w = ReplayWindow::default();
+        w.start_after(40);
+        assert!(!w.accept(1) && !w.accept(40));
+        assert!(w.accept(41) && w.accept(45));
+        assert!(!w.accept(39));
     }
 
     #[test]

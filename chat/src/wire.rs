@@ -327,21 +327,22 @@ pub enum Malformed {
     BadFragments,
     #[error("a kind that never comes in text form")]
     NotTextForm,
-    #[error("bad text form")]
+    #[error("not the binary form")]
     BadTextForm,
 }
 
 pub fn decode(bytes: &[u8]) -> Datagram {
-    if let Some(inner) = text_form_payload(bytes) {
-        return match inner {
-            None => Datagram::Malformed(Malformed::BadTextForm),
-            Some(inner) => match decode_binary(&inner, true) {
+    // Something that only looks like the text form (a person typing our prefix) is a line
+    // of text: only a payload that decodes to our binary form is the protocol.
+    if let Some(Some(inner)) = text_form_payload(bytes) {
+        if inner.starts_with(MAGIC) {
+            return match decode_binary(&inner, true) {
                 Datagram::Packet { packet, .. } if !packet.kind.is_handshake() => {
                     Datagram::Malformed(Malformed::NotTextForm)
                 }
                 other => other,
-            },
-        };
+            };
+        }
     }
     if !bytes.starts_with(MAGIC) {
         return Datagram::Plain;
@@ -357,7 +358,7 @@ fn text_form_payload(bytes: &[u8]) -> Option<Option<Vec<u8>>> {
     }
     let hash = bytes.iter().rposition(|&b| b == b'#')?;
     if bytes.len() > MAX_TEXT_FORM {
-        return Some(None);
+        return None;
     }
     Some(URL_SAFE_NO_PAD.decode(&bytes[hash + 1..]).ok())
 }
@@ -648,11 +649,12 @@ mod tests {
     fn messages_never_travel_in_text_form() {
         let text = text_form(Kind::Msg, None, &msg(0, 1).encode());
         assert_eq!(decode(&text), Datagram::Malformed(Malformed::NotTextForm));
+        // Text that merely looks like the protocol is someone's line.
         assert_eq!(
             decode(b"corokit-chat/2 hello #not base64!"),
-            Datagram::Malformed(Malformed::BadTextForm)
+            Datagram::Plain
         );
-        // Text that merely mentions the protocol is someone's line.
+        assert_eq!(decode(b"corokit-chat/2 is nice #hashtag"), Datagram::Plain);
         assert_eq!(decode(b"corokit-chat/2 is nice"), Datagram::Plain);
     }
 

@@ -18,8 +18,8 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use corokit_chat::core::events::EVENT_QUEUE;
-use corokit_chat::core::peers::MAX_RUNS;
+use corokit_chat::core::events::{EVENT_BYTES, EVENT_QUEUE};
+use corokit_chat::core::peers::{MAX_PATHS, MAX_RUNS};
 use corokit_chat::core::recv::REORDER;
 use corokit_chat::core::{Config, Core, Event, SendError, Sent, HELD_BUDGET};
 use corokit_chat::seal::Key;
@@ -57,6 +57,7 @@ impl Link {
 struct Sending {
     to: usize,
     text: String,
+    sent_at: Instant,
     id: Option<u64>,
     outcome: Option<(Instant, bool)>,
 }
@@ -205,6 +206,7 @@ impl Sim {
         self.hosts[h].sent.push(Sending {
             to,
             text,
+            sent_at: self.now,
             id: None,
             outcome: None,
         });
@@ -279,9 +281,19 @@ impl Sim {
     fn inject(&mut self, from: SocketAddr, to: SocketAddr, bytes: Vec<u8>) {
         if std::env::var_os("SIM_TRACE").is_some() {
             eprintln!(
-                "{:>10?} {from} -> {to}: {} bytes",
+                "{:>10?} {from} -> {to}: {} bytes {}",
                 self.now - self.t0,
-                bytes.len()
+                bytes.len(),
+                match wire::decode(&bytes) {
+                    Datagram::Packet { packet, text_form } => format!(
+                        "{:?} src {:x} dst {:x} text {text_form} {:?}",
+                        packet.kind, packet.src, packet.dst, packet.body
+                    )
+                    .chars()
+                    .take(200)
+                    .collect::<String>(),
+                    other => format!("{other:?}").chars().take(60).collect(),
+                }
             );
         }
         let copies = if self.rng.f64() < self.link.dup { 2 } else { 1 };
@@ -385,11 +397,18 @@ impl Sim {
         for (h, host) in self.hosts.iter().enumerate() {
             let Some(core) = &host.core else { continue };
             let m = core.memory();
+            // Out-of-order bytes: the budget, plus the next message of every stream, which
+            // is always taken; and no stream past its window.
+            let per_stream = REORDER as usize * (wire::MAX_RECEIVED + 160);
+            let next_messages =
+                m.runs * MAX_PATHS * wire::MAX_FRAGS as usize * (wire::MAX_RECEIVED + 160);
             let ok = m.runs <= MAX_RUNS
                 && m.held_bytes
-                    <= HELD_BUDGET.max(REORDER as usize * wire::MAX_RECEIVED * (m.runs + 1))
+                    <= (HELD_BUDGET + next_messages).min(per_stream * MAX_PATHS * m.runs.max(1))
                 && m.events <= EVENT_QUEUE + m.sending + 64
+                && m.event_bytes <= EVENT_BYTES + (m.sending + 64) * (wire::MAX_TEXT + 256)
                 && m.tally <= 1024 + 16
+                && m.sources <= 2 * 4096
                 && m.sending <= 4096 * (m.runs + 1);
             assert!(
                 ok,
@@ -553,16 +572,20 @@ fn not_delivered_only_for_a_peer_that_stopped_answering() {
         sim.connect(0, 1);
         let messages = rng.usize(5..30);
         let trouble = rng.usize(0..messages);
-        let kind = rng.u8(0..3);
+        let kind = rng.u8(0..4);
+        let mut crashed_at = None;
         for i in 0..messages {
             if i == trouble {
+                crashed_at = Some(sim.now);
                 match kind {
                     0 => sim.partition(0, 1, SEC * rng.u32(5..40)),
                     1 => {
                         sim.crash(1, true);
                         sim.greet(1, 0);
                     }
-                    _ => sim.hosts[1].reading = false,
+                    2 => sim.hosts[1].reading = false,
+                    // Gone for good: everything after is reported not delivered, in time.
+                    _ => sim.crash(1, false),
                 }
             }
             sim.say(0, 1, text_of(&mut rng, i));
@@ -574,6 +597,23 @@ fn not_delivered_only_for_a_peer_that_stopped_answering() {
         sim.run_until(sim.now + 60 * SEC);
         // A reader that merely stopped reading is alive: nothing may be lost for it.
         check_delivery(&sim, 0, 1, kind == 2);
+        if kind == 3 {
+            // Not delivered within the documented time of the peer's silence (plus one
+            // retransmission wait for the timer), and the peer reported gone when it expires.
+            let crashed = crashed_at.expect("crashed");
+            let timing = sim.core(0).timing();
+            for s in sim.hosts[0].sent.iter().filter(|s| s.sent_at >= crashed) {
+                let (at, delivered) = s.outcome.expect("an outcome");
+                assert!(!delivered, "seed {seed}: delivered to a peer that is gone");
+                let due = s.sent_at.max(crashed) + timing.dead_after() + timing.base;
+                assert!(at <= due, "seed {seed}: reported {:?} late", at - due);
+            }
+            sim.run_until(sim.now + 100 * SEC);
+            let left = sim.hosts[0].shown.iter().any(|(_, _, e)| {
+                matches!(e, Event::Leave { addr: a, expired: true, .. } if *a == addr(1))
+            });
+            assert!(left, "seed {seed}: a vanished peer never went silent");
+        }
     }
 }
 
@@ -639,6 +679,9 @@ fn an_attacker_cannot_speak_for_a_peer_replay_it_or_make_it_leave() {
         let messages = rng.usize(5..25);
         for i in 0..messages {
             sim.say(0, 1, text_of(&mut rng, i));
+            if rng.bool() {
+                sim.say(1, 0, text_of(&mut rng, 1000 + i));
+            }
             sim.run_until(sim.now + MS * rng.u32(0..300));
             for _ in 0..rng.usize(0..20) {
                 let from = eve[rng.usize(..eve.len())];
@@ -654,6 +697,16 @@ fn an_attacker_cannot_speak_for_a_peer_replay_it_or_make_it_leave() {
         }
         sim.run_until(sim.now + 60 * SEC);
         check_delivery(&sim, 0, 1, link.loss == 0.0);
+        // Acknowledgements an attacker forges never make a message "delivered".
+        check_delivery(&sim, 1, 0, link.loss == 0.0);
+        // Nor does it rename a peer.
+        for (_, _, e) in &sim.hosts[1].shown {
+            if let Event::Message { from, nick, .. } = e {
+                if *from == addr(0) {
+                    assert_eq!(nick.as_deref(), Some("host0"), "seed {seed}");
+                }
+            }
+        }
         // Host 1 never saw host 0 leave, and nothing of host 0's reached host 2.
         let left = sim.hosts[1]
             .shown
@@ -665,11 +718,13 @@ fn an_attacker_cannot_speak_for_a_peer_replay_it_or_make_it_leave() {
             "seed {seed}: host 2 showed {:?}",
             sim.shown_from(2, 0)
         );
-        // Only the attacker's own plain text is shown as from the attacker's addresses.
+        // Whatever the attacker sends is shown as from the attacker's own addresses, never as
+        // from a peer's (without a key it can claim any run id and nickname there, having
+        // echoed the challenges it receives); with a key nothing of it is shown at all.
         for (_, _, e) in &sim.hosts[1].shown {
-            if let Event::Message { from, nick, .. } = e {
+            if let Event::Message { from, .. } = e {
                 assert!(
-                    *from == addr(0) || (eve.contains(from) && nick.is_none() && key.is_none()),
+                    *from == addr(0) || (eve.contains(from) && key.is_none()),
                     "seed {seed}: shown from {from}: {e:?}"
                 );
             }

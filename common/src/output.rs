@@ -12,8 +12,15 @@ use std::sync::Arc;
 
 use may::sync::{mpsc, Semphore};
 
-/// Lines handed over but not yet written.
+/// Lines handed over but not yet written, counted in units of [`UNIT`] bytes (a short line
+/// is one unit): at most 1,024 short lines, or 4 MiB of long ones.
 pub const BACKLOG: usize = 1024;
+pub const UNIT: usize = 4096;
+
+/// The units a line of `len` bytes takes.
+fn units(len: usize) -> usize {
+    len.div_ceil(UNIT).clamp(1, BACKLOG)
+}
 
 enum Item {
     Line(String),
@@ -32,7 +39,9 @@ impl Output {
     /// Queues `line` (a newline is added). Output is flushed whenever the writer catches up,
     /// so a burst of lines costs few writes.
     pub fn line(&self, line: String) {
-        self.free.wait();
+        for _ in 0..units(line.len() + 1) {
+            self.free.wait();
+        }
         let _ = self.tx.send(Item::Line(line));
     }
 
@@ -75,7 +84,9 @@ pub fn write_lines<W: Write + Send + 'static>(sink: W) -> io::Result<Output> {
             while let Some(item) = next.take() {
                 match item {
                     Item::Line(line) => {
-                        writer_free.post();
+                        for _ in 0..units(line.len() + 1) {
+                            writer_free.post();
+                        }
                         let _ = writeln!(sink, "{line}");
                     }
                     Item::Drained(done) => {

@@ -14,16 +14,31 @@ use may::sync::{mpsc, Semphore};
 /// a huge input costs no more memory than a short one.
 const READ_AHEAD: usize = 1024;
 
+/// The longest line delivered; longer ones are skipped (read and dropped, never held in
+/// memory) and reported as [`LineError::TooLong`].
+pub const MAX_LINE: usize = 1024 * 1024;
+
+/// A line that could not be delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum LineError {
+    /// Longer than [`MAX_LINE`] bytes: skipped; the lines after it still come.
+    #[error("the line is longer than {limit} bytes; skipped")]
+    TooLong { limit: usize },
+    /// Reading failed: this is the last item.
+    #[error(transparent)]
+    Read(#[from] io::Error),
+}
+
 /// Lines as they arrive: `None` after end of input or after a read error (which is
 /// delivered as the last item).
 pub struct Lines {
-    rx: mpsc::Receiver<io::Result<String>>,
+    rx: mpsc::Receiver<Result<String, LineError>>,
     free: Arc<Semphore>,
 }
 
 impl Lines {
     /// The next line, parking the coroutine (or thread) until one arrives.
-    pub fn recv(&self) -> Option<io::Result<String>> {
+    pub fn recv(&self) -> Option<Result<String, LineError>> {
         let line = self.rx.recv().ok()?;
         self.free.post();
         Some(line)
@@ -31,10 +46,48 @@ impl Lines {
 }
 
 impl Iterator for Lines {
-    type Item = io::Result<String>;
+    type Item = Result<String, LineError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         self.recv()
+    }
+}
+
+/// Reads the next line into `buf` (without its `\n`), keeping at most `limit` bytes:
+/// `Ok(None)` at the end of input, `Ok(Some(false))` for a line that was longer (its bytes
+/// were consumed and dropped).
+fn next_line(
+    source: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    limit: usize,
+) -> io::Result<Option<bool>> {
+    buf.clear();
+    let mut fits = true;
+    let mut any = false;
+    loop {
+        let chunk = match source.fill_buf() {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
+            return Ok(any.then_some(fits));
+        }
+        any = true;
+        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i, true),
+            None => (chunk.len(), false),
+        };
+        if fits && buf.len() + take <= limit {
+            buf.extend_from_slice(&chunk[..take]);
+        } else {
+            fits = false;
+            buf.clear();
+        }
+        source.consume(take + usize::from(done));
+        if done {
+            return Ok(Some(fits));
+        }
     }
 }
 
@@ -46,6 +99,11 @@ pub fn lines() -> Lines {
 /// Starts reading `source` line by line on its own thread. Line endings (`\n`, `\r\n`) are
 /// stripped; bytes that are not UTF-8 become U+FFFD rather than ending the input.
 pub fn read_lines<R: Read + Send + 'static>(source: R) -> Lines {
+    read_lines_limited(source, MAX_LINE)
+}
+
+/// [`read_lines`] with another longest line.
+pub fn read_lines_limited<R: Read + Send + 'static>(source: R, limit: usize) -> Lines {
     let (tx, rx) = mpsc::channel();
     let free = Arc::new(Semphore::new(READ_AHEAD));
     let reader_free = free.clone();
@@ -53,27 +111,23 @@ pub fn read_lines<R: Read + Send + 'static>(source: R) -> Lines {
         let mut source = BufReader::new(source);
         let mut buf = Vec::new();
         loop {
-            buf.clear();
-            match source.read_until(b'\n', &mut buf) {
-                Ok(0) => return,
-                Ok(_) => {
-                    if buf.ends_with(b"\n") {
+            let item = match next_line(&mut source, &mut buf, limit) {
+                Ok(None) => return,
+                Ok(Some(true)) => {
+                    if buf.ends_with(b"\r") {
                         buf.pop();
-                        if buf.ends_with(b"\r") {
-                            buf.pop();
-                        }
                     }
-                    let line = String::from_utf8_lossy(&buf).into_owned();
-                    reader_free.wait();
-                    if tx.send(Ok(line)).is_err() {
-                        return;
-                    }
+                    Ok(String::from_utf8_lossy(&buf).into_owned())
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Some(false)) => Err(LineError::TooLong { limit }),
                 Err(e) => {
-                    let _ = tx.send(Err(e));
+                    let _ = tx.send(Err(LineError::Read(e)));
                     return;
                 }
+            };
+            reader_free.wait();
+            if tx.send(item).is_err() {
+                return;
             }
         }
     };
@@ -82,8 +136,43 @@ pub fn read_lines<R: Read + Send + 'static>(source: R) -> Lines {
         .spawn(reader)
     {
         let (tx, rx) = mpsc::channel();
-        let _ = tx.send(Err(e));
+        let _ = tx.send(Err(LineError::Read(e)));
         return Lines { rx, free };
     }
     Lines { rx, free }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_lines_are_skipped_without_being_kept() {
+        let mut input = b"short\r\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 100_000));
+        input.extend_from_slice(b"\nafter\nlast without newline");
+        let lines: Vec<String> = read_lines_limited(std::io::Cursor::new(input), 1000)
+            .map(|l| match l {
+                Ok(l) => l,
+                Err(e) => format!("error: {e}"),
+            })
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "short",
+                "error: the line is longer than 1000 bytes; skipped",
+                "after",
+                "last without newline"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_line_of_exactly_the_limit_is_kept() {
+        let lines: Vec<_> = read_lines_limited(std::io::Cursor::new(b"abcd\nabcde\n".to_vec()), 4)
+            .map(|l| l.is_ok())
+            .collect();
+        assert_eq!(lines, [true, false]);
+    }
 }

@@ -10,8 +10,9 @@
 //! bytes written never contain one while JSON readers still get the original text.
 //!
 //! Emoji stay intact: a zero-width joiner between two pictographs (👩‍💻), an emoji
-//! variation selector after an emoji (❤️) and the tag sequence of a subdivision flag are
-//! part of what the sender meant and cannot hide anything.
+//! variation selector after an emoji (❤️) and the three subdivision flags Unicode recommends
+//! (England, Scotland, Wales: 🏴 with tag letters) are part of what the sender meant. Any
+//! other tag character is shown: a run of them can carry text no one sees.
 
 use std::fmt::Write as _;
 use std::io;
@@ -68,20 +69,22 @@ impl EmojiContext<'_> {
         }
     }
 
-    /// True when `i` is inside `BLACK_FLAG TAG_SPEC+ CANCEL_TAG`.
+    /// True when `i` is inside one of the recommended subdivision flags: `BLACK_FLAG`, the
+    /// tag letters of `gbeng`, `gbsct` or `gbwls`, `CANCEL_TAG`.
     fn in_flag(&self, i: usize) -> bool {
-        let mut start = i;
-        while start > 0 && is_tag_spec(self.chars[start - 1]) {
-            start -= 1;
-        }
-        if start == 0 || self.chars[start - 1] != BLACK_FLAG {
-            return false;
-        }
-        let mut end = i.max(start);
-        while end < self.chars.len() && is_tag_spec(self.chars[end]) {
-            end += 1;
-        }
-        end > start && self.chars.get(end) == Some(&CANCEL_TAG) && i <= end
+        const FLAGS: [&str; 3] = ["gbeng", "gbsct", "gbwls"];
+        let tag = |c: char| char::from_u32(c as u32 - 0xE0000);
+        (i.saturating_sub(6)..=i).any(|start| {
+            self.chars.get(start) == Some(&BLACK_FLAG)
+                && self.chars.get(start + 6) == Some(&CANCEL_TAG)
+                && i > start
+                && i <= start + 6
+                && FLAGS.iter().any(|f| {
+                    f.chars()
+                        .zip(&self.chars[start + 1..start + 6])
+                        .all(|(want, &c)| is_tag_spec(c) && tag(c) == Some(want))
+                })
+        })
     }
 }
 
@@ -252,6 +255,23 @@ mod tests {
         assert_eq!(escape("🙂\u{200d}"), "🙂\\u{200d}");
         assert_eq!(escape("\u{1f3f4}\u{e0067}"), "\u{1f3f4}\\u{e0067}");
         assert_eq!(escape("hi\u{e0067}\u{e007f}"), "hi\\u{e0067}\\u{e007f}");
+        // A black flag does not make any run of tags invisible text.
+        let smuggled: String = std::iter::once('\u{1f3f4}')
+            .chain(
+                "secret"
+                    .chars()
+                    .map(|c| char::from_u32(0xE0000 + c as u32).unwrap()),
+            )
+            .chain(std::iter::once('\u{e007f}'))
+            .collect();
+        assert!(
+            escape(&smuggled).starts_with("\u{1f3f4}\\u{e0073}"),
+            "{}",
+            escape(&smuggled)
+        );
+        let upper: String =
+            "\u{1f3f4}\u{e0047}\u{e0042}\u{e0045}\u{e004e}\u{e0047}\u{e007f}".into();
+        assert!(!is_safe(&upper));
     }
 
     #[test]

@@ -66,20 +66,41 @@ pub enum Event {
 pub const EVENT_QUEUE: usize = 10_000;
 /// Events from one source waiting for the user.
 pub const SOURCE_QUEUE: usize = 4096;
+/// The same in bytes: a line may be 64 KiB.
+pub const EVENT_BYTES: usize = 32 << 20;
+pub const SOURCE_BYTES: usize = 8 << 20;
+
+/// What an event costs in the queue.
+fn cost(event: &Event) -> usize {
+    64 + match event {
+        Event::Message { nick, text, .. } => text.len() + nick.as_ref().map_or(0, String::len),
+        Event::NotDelivered { nick, text, .. } => text.len() + nick.as_ref().map_or(0, String::len),
+        Event::Join { nick, .. } | Event::Leave { nick, .. } => nick.len(),
+        Event::Notice(text) => text.len(),
+        _ => 0,
+    }
+}
 
 /// The bounded queue of events for the user.
 #[derive(Debug, Default)]
 pub struct EventQueue {
-    queue: VecDeque<(Option<SocketAddr>, Event)>,
-    by_source: BTreeMap<SocketAddr, usize>,
+    queue: VecDeque<(Option<SocketAddr>, usize, Event)>,
+    /// Per source: events and bytes waiting.
+    by_source: BTreeMap<SocketAddr, (usize, usize)>,
+    bytes: usize,
 }
 
 impl EventQueue {
-    /// Events from `source` that fit before its share or the whole queue is full.
+    /// Events from `source` that fit before its share or the whole queue is full, counting
+    /// one as the largest message can be.
     pub fn room(&self, source: SocketAddr) -> usize {
-        let mine = self.by_source.get(&source).copied().unwrap_or(0);
+        let (count, bytes) = self.by_source.get(&source).copied().unwrap_or((0, 0));
+        let largest = cost(&Event::Notice(String::new())) + 2 * crate::wire::MAX_TEXT;
+        if bytes + largest > SOURCE_BYTES || self.bytes + largest > EVENT_BYTES {
+            return 0;
+        }
         SOURCE_QUEUE
-            .saturating_sub(mine)
+            .saturating_sub(count)
             .min(EVENT_QUEUE.saturating_sub(self.queue.len()))
     }
 
@@ -89,31 +110,41 @@ impl EventQueue {
         if self.room(source) == 0 {
             return false;
         }
-        *self.by_source.entry(source).or_default() += 1;
-        self.queue.push_back((Some(source), event));
+        self.push(Some(source), event);
         true
     }
 
     /// Queues an event the protocol already committed to (its room was checked when it was
     /// accepted, or it is bounded elsewhere).
     pub fn push(&mut self, source: Option<SocketAddr>, event: Event) {
+        let size = cost(&event);
         if let Some(s) = source {
-            *self.by_source.entry(s).or_default() += 1;
+            let entry = self.by_source.entry(s).or_default();
+            entry.0 += 1;
+            entry.1 += size;
         }
-        self.queue.push_back((source, event));
+        self.bytes += size;
+        self.queue.push_back((source, size, event));
     }
 
     pub fn pop(&mut self) -> Option<(Option<SocketAddr>, Event)> {
-        let (source, event) = self.queue.pop_front()?;
+        let (source, size, event) = self.queue.pop_front()?;
+        self.bytes -= size;
         if let Some(s) = source {
-            if let Some(n) = self.by_source.get_mut(&s) {
-                *n -= 1;
-                if *n == 0 {
+            if let Some(entry) = self.by_source.get_mut(&s) {
+                entry.0 -= 1;
+                entry.1 -= size;
+                if entry.0 == 0 {
                     self.by_source.remove(&s);
                 }
             }
         }
         Some((source, event))
+    }
+
+    /// Bytes waiting.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     pub fn len(&self) -> usize {
@@ -244,6 +275,23 @@ mod tests {
         assert_eq!(q.room(addr(2)), SOURCE_QUEUE - 1);
         q.pop();
         assert_eq!(q.room(flood), 1);
+    }
+
+    #[test]
+    fn large_lines_fill_a_share_by_bytes() {
+        let mut q = EventQueue::default();
+        let big = || Event::Message {
+            from: addr(1),
+            nick: None,
+            text: "x".repeat(65_536),
+        };
+        let mut taken = 0;
+        while q.offer(addr(1), big()) {
+            taken += 1;
+        }
+        assert!(taken < 130, "{taken} lines of 64 KiB");
+        assert!(q.bytes() <= SOURCE_BYTES);
+        assert!(q.offer(addr(2), big()), "another source has its own share");
     }
 
     #[test]

@@ -46,8 +46,15 @@ pub const ALL_NODES_V6: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
 /// Bytes held out of order across all streams; past it only the datagrams of the next
 /// message of each stream are taken, so every stream can still make progress.
 pub const HELD_BUDGET: usize = 32 << 20;
-/// Sources tracked by the rate limiter before it starts afresh.
+/// Sources tracked by the rate limiter in each of its two generations: a source heard in
+/// either keeps its buckets; when the newer one fills, the older one is forgotten.
 const RATE_SOURCES: usize = 4096;
+/// Addresses of chat peers that left or expired, remembered so that a line to one of them is
+/// refused instead of going out as plain text.
+const FORMER: usize = 1024;
+/// A challenge token is good for this epoch and the one before: a recording of an echo
+/// stops verifying anything after at most twice this.
+const TOKEN_EPOCH: Duration = Duration::from_secs(300);
 /// Greetings by hand remembered (addresses given with `--to`, `/to`, `chat send`).
 const HELLOS: usize = 256;
 /// Sends of a greeting by hand, and the waits after each.
@@ -141,6 +148,8 @@ pub enum SendError {
     Refused { to: SocketAddr, why: Refusal },
     #[error("nothing is listening at {0}; not sent")]
     Unreachable(SocketAddr),
+    #[error("{0} was a chat peer and is not answering; greeting it again; not sent")]
+    Gone(SocketAddr),
 }
 
 /// How a greeting by hand went.
@@ -215,6 +224,7 @@ pub struct Memory {
     pub plain: usize,
     pub held_bytes: usize,
     pub events: usize,
+    pub event_bytes: usize,
     pub sources: usize,
     pub tally: usize,
     pub hellos: usize,
@@ -250,15 +260,21 @@ pub struct Core {
     events: EventQueue,
     tally: Tally,
     joins: TokenBucket,
+    /// Rate limits per source, in two generations (see [`RATE_SOURCES`]).
     sources: BTreeMap<SocketAddr, Source>,
+    older_sources: BTreeMap<SocketAddr, Source>,
     hellos: BTreeMap<SocketAddr, Hello>,
+    /// Addresses of chat peers gone, with when they went (see [`FORMER`]).
+    former: BTreeMap<SocketAddr, Instant>,
+    started: Instant,
     transmits: VecDeque<Transmit>,
-    /// Runs owed an acknowledgement of messages delivered in order, and where it goes: one
-    /// cumulative acknowledgement covers every datagram handled before the next transmit.
-    acks_due: BTreeMap<u64, SocketAddr>,
+    /// Streams (run, source address) owed an acknowledgement of messages delivered in
+    /// order: one cumulative acknowledgement covers every datagram handled before the next
+    /// transmit.
+    acks_due: BTreeSet<(u64, SocketAddr)>,
     held_total: usize,
-    /// Runs with a complete message waiting for room in the user's queue.
-    waiting_room: BTreeSet<u64>,
+    /// Streams with a complete message waiting for room in the user's queue.
+    waiting_room: BTreeSet<(u64, SocketAddr)>,
     next_housekeeping: Instant,
     next_presence: Instant,
     next_announce: Instant,
@@ -307,14 +323,17 @@ impl Core {
             own_key,
             counter: 0,
             next_id: 1,
-            peers: Peers::default(),
+            peers: Peers::new(config.key.is_some()),
             events: EventQueue::default(),
             tally: Tally::new(TALLY_INTERVAL),
             joins: TokenBucket::full(JOIN_RATE, JOIN_BURST, now),
             sources: BTreeMap::new(),
+            older_sources: BTreeMap::new(),
             hellos: BTreeMap::new(),
+            former: BTreeMap::new(),
+            started: now,
             transmits: VecDeque::new(),
-            acks_due: BTreeMap::new(),
+            acks_due: BTreeSet::new(),
             held_total: 0,
             waiting_room: BTreeSet::new(),
             next_housekeeping: now + HOUSEKEEPING,
@@ -350,7 +369,8 @@ impl Core {
             plain,
             held_bytes: self.held_total,
             events: self.events.len(),
-            sources: self.sources.len(),
+            event_bytes: self.events.bytes(),
+            sources: self.sources.len() + self.older_sources.len(),
             tally: self.tally.len(),
             hellos: self.hellos.len(),
             sending: self.peers.runs().map(|r| r.out.pending()).sum(),
@@ -360,19 +380,21 @@ impl Core {
     // ---- outputs ----
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        for (instance, to) in std::mem::take(&mut self.acks_due) {
-            if let Some(run) = self.peers.run(instance) {
-                let ack = Packet::ack(
-                    self.instance,
-                    instance,
-                    0,
-                    run.inc.cumulative(),
-                    run.inc.window(),
-                );
-                self.send_packet(to, &ack, Form::Binary);
-            }
+        for (instance, from) in std::mem::take(&mut self.acks_due) {
+            self.ack_stream(instance, from, 0);
         }
         self.transmits.pop_front()
+    }
+
+    /// Acknowledges `seq` (0: none) with the state of the stream run `instance` sends us from
+    /// `from`, to that address.
+    fn ack_stream(&mut self, instance: u64, from: SocketAddr, seq: u64) {
+        let (cumulative, window) = match self.peers.run(instance).and_then(|r| r.inc.get(&from)) {
+            Some(inc) => (inc.cumulative(), inc.window()),
+            None => (0, recv::REORDER),
+        };
+        let ack = Packet::ack(self.instance, instance, seq, cumulative, window);
+        self.send_packet(from, &ack, Form::Binary);
     }
 
     /// When [`Core::handle_timeout`] next has something to do (it may be early, never late).
@@ -388,23 +410,17 @@ impl Core {
     /// released and their senders told.
     pub fn poll_event(&mut self) -> Option<Event> {
         let (_, event) = self.events.pop()?;
-        if !self.waiting_room.is_empty() {
-            for instance in std::mem::take(&mut self.waiting_room) {
-                let before = self.peers.run(instance).map(|r| r.inc.cumulative());
-                self.release(instance);
-                if let Some(run) = self.peers.run(instance) {
-                    if Some(run.inc.cumulative()) != before {
-                        let ack = Packet::ack(
-                            self.instance,
-                            instance,
-                            0,
-                            run.inc.cumulative(),
-                            run.inc.window(),
-                        );
-                        let to = run.listed;
-                        self.send_packet(to, &ack, Form::Binary);
-                    }
-                }
+        for (instance, from) in std::mem::take(&mut self.waiting_room) {
+            let cumulative = |core: &Core| {
+                core.peers
+                    .run(instance)
+                    .and_then(|r| r.inc.get(&from))
+                    .map(|i| i.cumulative())
+            };
+            let before = cumulative(self);
+            self.release(instance, from);
+            if cumulative(self) != before {
+                self.ack_stream(instance, from, 0);
             }
         }
         Some(event)
@@ -472,7 +488,10 @@ impl Core {
             }
             return;
         }
-        if self.peers.plain(addr).is_some() {
+        // A plain peer gets nothing but the user's text, and a greeting under way is not
+        // started again (`--to` and the remembered peers can name one address twice).
+        let pending = |h: &Hello| h.state == Greeting::Pending;
+        if self.peers.plain(addr).is_some() || self.hellos.get(&addr).is_some_and(pending) {
             return;
         }
         if self.hellos.len() >= HELLOS && !self.hellos.contains_key(&addr) {
@@ -519,11 +538,24 @@ impl Core {
             Some(Greeting::Unreachable) => return Err(SendError::Unreachable(to)),
             _ => {}
         }
+        if self.former.contains_key(&to) && self.peers.plain(to).is_none() {
+            // It spoke our protocol: plain text there would be shown as from a stranger, and
+            // unacknowledged. Greet it instead, and let the user send again.
+            self.former.remove(&to);
+            self.greet(now, to);
+            return Err(SendError::Gone(to));
+        }
         if self.config.key.is_some() {
             // The user asked for encryption: never fall back to plain text.
             return Err(SendError::NotAKeyedPeer(to));
         }
         self.peers.talked_plain(now, to);
+        // The user's text, and from now on nothing else: no more greetings.
+        if let Some(h) = self.hellos.get_mut(&to) {
+            if h.state == Greeting::Pending {
+                h.state = Greeting::Plain;
+            }
+        }
         self.transmits.push_back(Transmit {
             to,
             bytes: text.as_bytes().to_vec(),
@@ -702,17 +734,22 @@ impl Core {
 
     fn within_rate(&mut self, now: Instant, from: SocketAddr) -> bool {
         let rate = f64::from(self.config.rate_per_source.max(1));
-        if self.sources.len() >= RATE_SOURCES && !self.sources.contains_key(&from) {
-            self.sources.clear();
+        if !self.sources.contains_key(&from) {
+            let source = match self.older_sources.remove(&from) {
+                Some(s) => s,
+                None => Source {
+                    datagrams: TokenBucket::full(rate, rate, now),
+                    challenges: TokenBucket::full(CHALLENGE_RATE, CHALLENGE_BURST, now),
+                },
+            };
+            if self.sources.len() >= RATE_SOURCES {
+                self.older_sources = std::mem::take(&mut self.sources);
+            }
+            self.sources.insert(from, source);
         }
         self.sources
-            .entry(from)
-            .or_insert_with(|| Source {
-                datagrams: TokenBucket::full(rate, rate, now),
-                challenges: TokenBucket::full(CHALLENGE_RATE, CHALLENGE_BURST, now),
-            })
-            .datagrams
-            .try_take(now, 1.0)
+            .get_mut(&from)
+            .is_some_and(|s| s.datagrams.try_take(now, 1.0))
     }
 
     /// True if one more challenge or refusal may go to `to` now.
@@ -799,17 +836,26 @@ impl Core {
                 return;
             }
         };
+        // The counter is checked (and used up) only for a verified address of the run: a copy
+        // raced from elsewhere must not make the genuine datagram look replayed.
+        let verified = self.peers.run_at(from) == Some(src);
         let known = self.peers.run(src).is_some();
-        if let Some(run) = self.peers.run_mut(src) {
-            if !run.replay.accept(counter) {
-                self.stats.replayed += 1;
-                return;
+        if verified {
+            if let Some(run) = self.peers.run_mut(src) {
+                if !run.replay.accept(counter) {
+                    self.stats.replayed += 1;
+                    return;
+                }
             }
         }
         self.packet(now, from, packet);
-        if !known {
+        if !verified && self.peers.run_at(from) == Some(src) {
             if let Some(run) = self.peers.run_mut(src) {
-                run.replay.accept(counter);
+                if known {
+                    run.replay.accept(counter);
+                } else {
+                    run.replay.start_after(counter);
+                }
             }
         }
     }
@@ -833,9 +879,11 @@ impl Core {
             return;
         }
         let verified = self.peers.run_at(from) == Some(p.src);
+        let sealed = self.config.key.is_some();
+        let listed = self.peers.run(p.src).is_some_and(|r| r.listed == from);
         if verified {
             if let Some(run) = self.peers.run_mut(p.src) {
-                run.heard(now, from);
+                run.heard(now, from, sealed);
                 if matches!(p.kind, Kind::Msg | Kind::Ack | Kind::Ping) {
                     run.confirmed = true;
                 }
@@ -869,6 +917,8 @@ impl Core {
                     text,
                 },
             ) => self.msg(now, from, p.src, seq, base, frag, frags, nick, text),
+            // What we send a run goes to its listed address, and is acknowledged from there;
+            // without a key, an alias saying otherwise is not believed.
             (
                 Kind::Ack,
                 Body::Ack {
@@ -876,19 +926,8 @@ impl Core {
                     cumulative,
                     window,
                 },
-            ) => self.ack_in(now, p.src, seq, cumulative, window),
-            (Kind::Ping, Body::Empty) => {
-                if let Some(run) = self.peers.run(p.src) {
-                    let ack = Packet::ack(
-                        self.instance,
-                        p.src,
-                        0,
-                        run.inc.cumulative(),
-                        run.inc.window(),
-                    );
-                    self.send_packet(from, &ack, Form::Binary);
-                }
-            }
+            ) if listed || sealed => self.ack_in(now, p.src, seq, cumulative, window),
+            (Kind::Ping, Body::Empty) => self.ack_stream(p.src, from, 0),
             _ => {}
         }
     }
@@ -907,15 +946,17 @@ impl Core {
         nick: &str,
     ) {
         let was_verified = self.peers.run_at(from) == Some(src);
-        if !was_verified && echo != 0 && echo == self.token(from) {
+        if !was_verified && echo != 0 && self.echoes(now, from, echo) {
             self.verify(now, from, src, nick, token);
         }
         let verified = self.peers.run_at(from) == Some(src);
         let verified_us = flags & wire::FLAG_VERIFIED != 0;
+        let sealed = self.config.key.is_some();
         if verified {
             if let Some(run) = self.peers.run_mut(src) {
-                run.heard(now, from);
-                if run.nick != nick {
+                run.heard(now, from, sealed);
+                // Without a key only the listed address names the run.
+                if run.nick != nick && (sealed || run.listed == from) {
                     run.nick = nick.to_string();
                 }
                 if token != 0 {
@@ -940,7 +981,9 @@ impl Core {
             // It has not verified our address yet.
             Kind::Reply if !verified_us => self.challenge(now, from, src, token),
             // The handshake is complete on both sides: say so, or it keeps confirming.
-            Kind::Reply if verified && self.may_answer(now, from) => self.presence_to(from, src),
+            Kind::Reply if verified && self.may_answer(now, from) => {
+                self.presence_to(now, from, src)
+            }
             // It knows us and we lost it (we expired it after a partition).
             Kind::Presence if !verified => self.challenge(now, from, src, token),
             _ => {}
@@ -957,7 +1000,7 @@ impl Core {
             Kind::Reply,
             self.instance,
             src,
-            self.token(from),
+            self.token(now, from),
             their_token,
             &self.nick,
         );
@@ -1017,12 +1060,14 @@ impl Core {
                         "peers are joining faster than they can be shown; /who lists them".into(),
                     );
                 }
-                let base = self.timing.base;
+                let confirm_at = now + self.timing.base;
                 if let Some(run) = self.peers.run_mut(instance) {
                     run.shown = show;
                     run.by_hand = by_hand;
-                    run.confirm_at = now + base;
+                    run.confirm_at = confirm_at;
                 }
+                self.former.remove(&addr);
+                self.arm(confirm_at);
             }
             Verified::Full => {
                 self.trouble(
@@ -1039,8 +1084,16 @@ impl Core {
     /// A run is gone (left, expired or replaced by a new run at its address): what we had
     /// for it was not delivered, and the user is told it left if it was told it joined.
     fn gone(&mut self, mut run: peers::Run, expired: bool) {
-        self.held_total -= run.inc.held_bytes();
-        self.waiting_room.remove(&run.instance);
+        self.held_total -= run.held_bytes();
+        self.waiting_room.retain(|(i, _)| *i != run.instance);
+        for (addr, _) in &run.paths {
+            if self.former.len() >= FORMER {
+                if let Some(oldest) = self.former.iter().min_by_key(|(_, t)| **t).map(|(a, _)| *a) {
+                    self.former.remove(&oldest);
+                }
+            }
+            self.former.insert(*addr, run.last_heard);
+        }
         for (id, text) in run.out.give_up() {
             self.events.push(
                 None,
@@ -1075,7 +1128,8 @@ impl Core {
                 self.gone(run, false);
             }
         } else {
-            self.peers.drop_alias(instance, from);
+            self.held_total -= self.peers.drop_alias(instance, from);
+            self.waiting_room.remove(&(instance, from));
         }
     }
 
@@ -1097,64 +1151,64 @@ impl Core {
             return;
         };
         run.talked = Some(now);
-        let before = run.inc.held_bytes();
-        run.inc.skip_to(base);
+        let before = run.held_bytes();
+        let inc = run.inc.entry(from).or_default();
+        inc.skip_to(base);
         // The datagrams of the next message are always taken, so that every stream can make
         // progress however full the budget is.
-        let next = run.inc.cumulative() + 1;
+        let next = inc.cumulative() + 1;
         let in_next = seq >= next && seq - next < u64::from(wire::MAX_FRAGS);
         let budget = if in_next { usize::MAX } else { budget };
-        let offer = run.inc.offer(seq, frag, frags, nick, text, budget);
-        self.held_total = self.held_total + run.inc.held_bytes() - before;
+        let offer = inc.offer(seq, frag, frags, nick, text, budget);
+        let delivered = inc.cumulative();
+        self.held_total = self.held_total + run.held_bytes() - before;
         match offer {
             Offer::Duplicate => self.stats.duplicates += 1,
             Offer::Refused => self.stats.out_of_window += 1,
-            Offer::Held => self.release(instance),
+            Offer::Held => self.release(instance, from),
         }
-        let Some(run) = self.peers.run(instance) else {
-            return;
-        };
-        if offer == Offer::Held && seq <= run.inc.cumulative() {
+        let delivered = self
+            .peers
+            .run(instance)
+            .and_then(|r| r.inc.get(&from))
+            .map_or(delivered, |i| i.cumulative());
+        if offer == Offer::Held && seq <= delivered {
             // Delivered in order: the cumulative acknowledgement says so, once per batch.
-            self.acks_due.insert(instance, from);
+            self.acks_due.insert((instance, from));
             return;
         }
         let acked = if offer == Offer::Refused { 0 } else { seq };
-        let ack = Packet::ack(
-            self.instance,
-            instance,
-            acked,
-            run.inc.cumulative(),
-            run.inc.window(),
-        );
-        self.send_packet(from, &ack, Form::Binary);
+        self.ack_stream(instance, from, acked);
     }
 
-    /// Gives the user every message of run `instance` that is complete and in order, while
-    /// there is room for it.
-    fn release(&mut self, instance: u64) {
+    /// Gives the user every message run `instance` sent from `from` that is complete and in
+    /// order, while there is room for it. Shown as from the address it came from.
+    fn release(&mut self, instance: u64, from: SocketAddr) {
         let Some(run) = self.peers.run_mut(instance) else {
             return;
         };
-        let source = run.listed;
-        let before = run.inc.held_bytes();
-        while self.events.room(source) > 0 {
-            let Some(complete) = run.inc.take() else {
+        let nick = run.nick.clone();
+        let before = run.held_bytes();
+        let Some(inc) = run.inc.get_mut(&from) else {
+            return;
+        };
+        while self.events.room(from) > 0 {
+            let Some(complete) = inc.take() else {
                 break;
             };
             self.events.push(
-                Some(source),
+                Some(from),
                 Event::Message {
-                    from: source,
-                    nick: Some(complete.nick.unwrap_or_else(|| run.nick.clone())),
+                    from,
+                    nick: Some(complete.nick.unwrap_or_else(|| nick.clone())),
                     text: complete.text,
                 },
             );
         }
-        if run.inc.ready() {
-            self.waiting_room.insert(instance);
+        if inc.ready() {
+            self.waiting_room.insert((instance, from));
         }
-        self.held_total = self.held_total + run.inc.held_bytes() - before;
+        self.held_total = self.held_total + run.held_bytes() - before;
     }
 
     fn ack_in(&mut self, now: Instant, instance: u64, seq: u64, cumulative: u64, window: u64) {
@@ -1203,15 +1257,35 @@ impl Core {
 
     // ---- sending ----
 
-    fn token(&self, addr: SocketAddr) -> u64 {
-        let mut bytes = Vec::with_capacity(19);
+    fn epoch(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.started).as_secs() / TOKEN_EPOCH.as_secs()
+    }
+
+    /// The challenge for `addr` in `epoch`: a MAC of the address under this run's secret, so
+    /// it costs no state and no one elsewhere can compute it.
+    fn token_in(&self, epoch: u64, addr: SocketAddr) -> u64 {
+        let mut bytes = Vec::with_capacity(27);
         match addr.ip() {
             IpAddr::V4(ip) => bytes.extend_from_slice(&ip.octets()),
             IpAddr::V6(ip) => bytes.extend_from_slice(&ip.octets()),
         }
         bytes.extend_from_slice(&addr.port().to_be_bytes());
+        bytes.extend_from_slice(&epoch.to_be_bytes());
         let tag = hmac::sign(&self.tokens, &bytes);
         u64::from_be_bytes(tag.as_ref()[..8].try_into().expect("8 bytes")).max(1)
+    }
+
+    fn token(&self, now: Instant, addr: SocketAddr) -> u64 {
+        self.token_in(self.epoch(now), addr)
+    }
+
+    /// True when `echo` is the challenge we sent `addr` in this epoch or the one before.
+    fn echoes(&self, now: Instant, addr: SocketAddr, echo: u64) -> bool {
+        let epoch = self.epoch(now);
+        echo == self.token_in(epoch, addr)
+            || epoch
+                .checked_sub(1)
+                .is_some_and(|e| echo == self.token_in(e, addr))
     }
 
     fn send_hello(&mut self, now: Instant, addr: SocketAddr) {
@@ -1228,27 +1302,32 @@ impl Core {
             Kind::Hello,
             self.instance,
             0,
-            self.token(addr),
+            self.token(now, addr),
             0,
             &self.nick,
         );
         self.send_packet(addr, &hello, Form::Text);
     }
 
-    fn presence(&mut self, _now: Instant) {
-        let runs: Vec<(SocketAddr, u64)> =
-            self.peers.runs().map(|r| (r.listed, r.instance)).collect();
-        for (to, instance) in runs {
-            self.presence_to(to, instance);
+    /// Presence to every verified address of every peer: each address of a dual-stack peer
+    /// then hears from us, and answers from the matching address of ours.
+    fn presence(&mut self, now: Instant) {
+        let paths: Vec<(SocketAddr, u64)> = self
+            .peers
+            .runs()
+            .flat_map(|r| r.paths.iter().map(move |(a, _)| (*a, r.instance)))
+            .collect();
+        for (to, instance) in paths {
+            self.presence_to(now, to, instance);
         }
     }
 
-    fn presence_to(&mut self, to: SocketAddr, instance: u64) {
+    fn presence_to(&mut self, now: Instant, to: SocketAddr, instance: u64) {
         let p = Packet::greeting(
             Kind::Presence,
             self.instance,
             instance,
-            self.token(to),
+            self.token(now, to),
             0,
             &self.nick,
         );
@@ -1273,7 +1352,7 @@ impl Core {
                 Kind::Reply,
                 self.instance,
                 instance,
-                self.token(to),
+                self.token(now, to),
                 their_token,
                 &self.nick,
             );
@@ -1334,7 +1413,9 @@ impl Core {
     // ---- time ----
 
     fn housekeeping(&mut self, now: Instant) {
-        for run in self.peers.expire(now, self.config.expire_after) {
+        let (gone, freed) = self.peers.expire(now, self.config.expire_after);
+        self.held_total -= freed;
+        for run in gone {
             self.gone(run, true);
         }
         let secs = TALLY_INTERVAL.as_secs();
@@ -1361,10 +1442,6 @@ impl Core {
                 }
             };
             self.notice(source, text);
-        }
-        // The rate limiter forgets sources that have been quiet for a while.
-        if self.sources.len() > RATE_SOURCES / 2 {
-            self.sources.clear();
         }
     }
 

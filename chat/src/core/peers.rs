@@ -4,9 +4,14 @@
 //! A run is one `chat` process, known by its random instance id. It is listed under the
 //! first address it was verified at; the other addresses it was verified at (its IPv6 address
 //! beside its IPv4 one) are its aliases. An address that claims to belong to a run but has not
-//! echoed our challenge is nothing: it cannot become an alias, send messages as the run, or
-//! make it leave. Strangers that never completed a handshake never enter the table, and a full
-//! table gives up a peer nobody is talking to, never one in a conversation.
+//! echoed our challenge is nothing. Strangers that never completed a handshake never enter the
+//! table, and a full table gives up a peer nobody is talking to, never one in a conversation.
+//!
+//! Without a key, a run id is no secret (announcements carry it) and anyone who can receive
+//! at an address can echo a challenge there, so an alias proves only that it receives: what
+//! arrives from it is shown as from that address (its own stream), and only the listed
+//! address keeps the run alive, acknowledges what we send, renames it or makes it leave. With
+//! a key every datagram is sealed by the run itself, so every verified address is the run.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -50,7 +55,8 @@ pub struct Run {
     pub confirm_sends: u32,
     pub confirm_at: Instant,
     pub out: Outgoing,
-    pub inc: Incoming,
+    /// What it sends us, one stream per address it sends from.
+    pub inc: BTreeMap<SocketAddr, Incoming>,
     pub replay: ReplayWindow,
     /// The key it seals with, with a shared secret.
     pub key: Option<RunKey>,
@@ -60,15 +66,24 @@ impl Run {
     fn engaged(&self, now: Instant) -> bool {
         self.by_hand
             || !self.out.is_idle()
-            || self.inc.held_bytes() > 0
+            || self.held_bytes() > 0
             || self
                 .talked
                 .is_some_and(|t| now.saturating_duration_since(t) < CONVERSATION)
     }
 
-    pub fn heard(&mut self, now: Instant, addr: SocketAddr) {
-        self.last_heard = now;
-        self.out.last_heard = now;
+    /// Bytes held out of order in all its streams.
+    pub fn held_bytes(&self) -> usize {
+        self.inc.values().map(Incoming::held_bytes).sum()
+    }
+
+    /// Something arrived from `addr`, one of its verified addresses. Only `authentic`
+    /// traffic (sealed, or from the listed address) keeps the run itself alive.
+    pub fn heard(&mut self, now: Instant, addr: SocketAddr, authentic: bool) {
+        if authentic || addr == self.listed {
+            self.last_heard = now;
+            self.out.last_heard = now;
+        }
         if let Some(p) = self.paths.iter_mut().find(|(a, _)| *a == addr) {
             p.1 = now;
         }
@@ -114,9 +129,18 @@ pub struct Peers {
     runs: BTreeMap<u64, Run>,
     addrs: BTreeMap<SocketAddr, Owner>,
     plain: usize,
+    /// Datagrams are sealed: every verified address speaks for its run.
+    sealed: bool,
 }
 
 impl Peers {
+    pub fn new(sealed: bool) -> Self {
+        Peers {
+            sealed,
+            ..Peers::default()
+        }
+    }
+
     /// The run `addr` is a verified address of.
     pub fn run_at(&self, addr: SocketAddr) -> Option<u64> {
         match self.addrs.get(&addr)? {
@@ -223,10 +247,11 @@ impl Peers {
                     .map(|(a, _)| *a)
                     .expect("aliases beside the listed address");
                 run.paths.retain(|(a, _)| *a != stalest);
+                run.inc.remove(&stalest);
                 self.addrs.remove(&stalest);
             }
             run.paths.push((addr, now));
-            run.heard(now, addr);
+            run.heard(now, addr, self.sealed);
             self.addrs.insert(addr, Owner::Run(instance));
             return (Verified::Alias, gone);
         }
@@ -252,7 +277,7 @@ impl Peers {
                 confirm_sends: 1,
                 confirm_at: now,
                 out: Outgoing::new(now),
-                inc: Incoming::default(),
+                inc: BTreeMap::new(),
                 replay: ReplayWindow::default(),
                 key: key(),
             },
@@ -270,20 +295,26 @@ impl Peers {
         Some(run)
     }
 
-    /// Forgets one alias of a run (never its listed address).
-    pub fn drop_alias(&mut self, instance: u64, addr: SocketAddr) {
-        if let Some(run) = self.runs.get_mut(&instance) {
-            if addr != run.listed {
-                run.paths.retain(|(a, _)| *a != addr);
-                self.addrs.remove(&addr);
-            }
+    /// Forgets one alias of a run (never its listed address), with what it sent us; returns
+    /// the bytes that were held for it.
+    pub fn drop_alias(&mut self, instance: u64, addr: SocketAddr) -> usize {
+        let Some(run) = self.runs.get_mut(&instance) else {
+            return 0;
+        };
+        if addr == run.listed {
+            return 0;
         }
+        run.paths.retain(|(a, _)| *a != addr);
+        self.addrs.remove(&addr);
+        run.inc.remove(&addr).map_or(0, |i| i.held_bytes())
     }
 
-    /// Forgets runs silent for `after` and returns them; drops aliases silent that long, and
-    /// lists a run whose listed address fell silent under the freshest address still heard.
-    /// Plain peers are forgotten after [`CONVERSATION`] of silence.
-    pub fn expire(&mut self, now: Instant, after: Duration) -> Vec<Run> {
+    /// Forgets runs silent for `after` and returns them, with the bytes held for aliases that
+    /// were dropped because they fell silent that long. With sealed datagrams a run still
+    /// heard, but no longer at the address it is listed under (a new DHCP lease, say), is
+    /// listed again under its freshest address; without, only the listed address keeps a
+    /// run, and the other address becomes a peer of its own when it next speaks.
+    pub fn expire(&mut self, now: Instant, after: Duration) -> (Vec<Run>, usize) {
         let silent = |t: Instant| now.saturating_duration_since(t) >= after;
         let gone: Vec<u64> = self
             .runs
@@ -292,12 +323,13 @@ impl Peers {
             .map(|r| r.instance)
             .collect();
         let gone: Vec<Run> = gone.into_iter().filter_map(|i| self.remove(i)).collect();
+        let mut freed = 0;
         for run in self.runs.values_mut() {
             let listed_silent = run
                 .paths
                 .iter()
                 .any(|(a, t)| *a == run.listed && silent(*t));
-            if listed_silent {
+            if listed_silent && self.sealed {
                 let freshest = run.paths.iter().max_by_key(|(_, t)| *t).map(|(a, _)| *a);
                 if let Some(fresh) = freshest {
                     run.listed = fresh;
@@ -306,19 +338,11 @@ impl Peers {
             let listed = run.listed;
             for (a, _) in run.paths.iter().filter(|(a, t)| *a != listed && silent(*t)) {
                 self.addrs.remove(a);
+                freed += run.inc.remove(a).map_or(0, |i| i.held_bytes());
             }
             run.paths.retain(|(a, t)| *a == listed || !silent(*t));
         }
-        let quiet: Vec<SocketAddr> = self
-            .plains()
-            .filter(|(_, p)| now.saturating_duration_since(p.last_heard) >= CONVERSATION)
-            .map(|(a, _)| a)
-            .collect();
-        self.plain -= quiet.len();
-        for a in quiet {
-            self.addrs.remove(&a);
-        }
-        gone
+        (gone, freed)
     }
 
     /// The least recently heard run not in a conversation.
@@ -363,7 +387,7 @@ mod tests {
     #[test]
     fn a_run_at_two_addresses_is_one_peer_and_a_restart_replaces_it() {
         let now = Instant::now();
-        let mut peers = Peers::default();
+        let mut peers = Peers::new(true);
         let v6: SocketAddr = "[fe80::1%2]:7890".parse().unwrap();
         assert!(matches!(
             peers.verify(now, addr(1), 7, "ana", 0, || None).0,
@@ -409,18 +433,36 @@ mod tests {
     }
 
     #[test]
-    fn silent_addresses_expire_and_a_run_moves_to_the_one_still_heard() {
+    fn silent_addresses_expire_and_a_sealed_run_moves_to_the_one_still_heard() {
         let t0 = Instant::now();
-        let mut peers = Peers::default();
+        let mut peers = Peers::new(true);
         peers.verify(t0, addr(1), 7, "ana", 0, || None);
         peers.verify(t0, addr(2), 7, "ana", 0, || None);
         let later = t0 + Duration::from_secs(60);
-        peers.run_mut(7).unwrap().heard(later, addr(2));
-        assert!(peers.expire(later, Duration::from_secs(30)).is_empty());
+        peers.run_mut(7).unwrap().heard(later, addr(2), true);
+        assert!(peers.expire(later, Duration::from_secs(30)).0.is_empty());
         let run = peers.run(7).unwrap();
         assert_eq!((run.listed, run.paths.len()), (addr(2), 1));
         assert_eq!(peers.run_at(addr(1)), None);
         let gone = peers.expire(later + Duration::from_secs(31), Duration::from_secs(30));
-        assert_eq!(gone.len(), 1);
+        assert_eq!(gone.0.len(), 1);
+    }
+
+    #[test]
+    fn without_a_key_an_alias_cannot_keep_a_silent_run_or_take_its_listing() {
+        let t0 = Instant::now();
+        let mut peers = Peers::new(false);
+        peers.verify(t0, addr(1), 7, "ana", 0, || None);
+        peers.verify(t0, addr(666), 7, "ana", 0, || None);
+        let later = t0 + Duration::from_secs(60);
+        peers.run_mut(7).unwrap().heard(later, addr(666), false);
+        let (gone, _) = peers.expire(later, Duration::from_secs(30));
+        assert_eq!(
+            gone.len(),
+            1,
+            "the listed address fell silent: the run is gone"
+        );
+        assert_eq!(gone[0].listed, addr(1));
+        assert_eq!(peers.run_at(addr(666)), None);
     }
 }

@@ -23,6 +23,16 @@ struct Fragment {
     text: Vec<u8>,
 }
 
+/// What a held fragment costs beyond its bytes: the map entry and allocations. Counted, so
+/// that empty fragments are not free.
+const FRAGMENT_OVERHEAD: usize = 96;
+
+impl Fragment {
+    fn cost(&self) -> usize {
+        self.text.len() + self.nick.as_ref().map_or(0, String::len) + FRAGMENT_OVERHEAD
+    }
+}
+
 /// What became of an offered datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
@@ -82,7 +92,7 @@ impl Incoming {
         }
         self.expected = base;
         let keep = self.held.split_off(&base);
-        let freed: usize = self.held.values().map(|f| f.text.len()).sum();
+        let freed: usize = self.held.values().map(Fragment::cost).sum();
         self.held = keep;
         self.held_bytes -= freed;
         freed
@@ -102,19 +112,17 @@ impl Incoming {
         if seq < self.expected || self.held.contains_key(&seq) {
             return Offer::Duplicate;
         }
-        if seq > self.window() || text.len() > budget {
+        let fragment = Fragment {
+            frag,
+            frags,
+            nick,
+            text,
+        };
+        if seq > self.window() || fragment.cost() > budget {
             return Offer::Refused;
         }
-        self.held_bytes += text.len();
-        self.held.insert(
-            seq,
-            Fragment {
-                frag,
-                frags,
-                nick,
-                text,
-            },
-        );
+        self.held_bytes += fragment.cost();
+        self.held.insert(seq, fragment);
         Offer::Held
     }
 
@@ -130,7 +138,7 @@ impl Incoming {
         let mut text = Vec::new();
         for seq in self.expected..self.expected + u64::from(frags) {
             let f = self.held.remove(&seq).expect("checked complete");
-            self.held_bytes -= f.text.len();
+            self.held_bytes -= f.cost();
             if f.frag == 0 {
                 nick = f.nick;
             }
@@ -166,7 +174,7 @@ impl Incoming {
                 return all_here.then_some(frags);
             }
             let dropped = self.held.remove(&self.expected).expect("present");
-            self.held_bytes -= dropped.text.len();
+            self.held_bytes -= dropped.cost();
             // Saturating: only a hostile sender gets to the end of the sequence space.
             self.expected = self.expected.saturating_add(1);
         }
@@ -210,7 +218,7 @@ mod tests {
         offer(&mut inc, 2, 0, 1, "given up");
         offer(&mut inc, 5, 1, 2, "tail of 4");
         offer(&mut inc, 6, 0, 1, "next");
-        assert_eq!(inc.skip_to(5), "given up".len());
+        assert_eq!(inc.skip_to(5), "given up".len() + 1 + FRAGMENT_OVERHEAD);
         assert_eq!(inc.take().unwrap().text, "next");
         assert_eq!(inc.cumulative(), 6);
     }
@@ -219,8 +227,17 @@ mod tests {
     fn the_window_and_the_budget_bound_what_is_held() {
         let mut inc = Incoming::default();
         assert_eq!(offer(&mut inc, REORDER + 2, 0, 1, "far"), Offer::Refused);
-        assert_eq!(inc.offer(5, 0, 1, None, vec![0; 100], 99), Offer::Refused);
-        assert_eq!(inc.offer(5, 0, 1, None, vec![0; 100], 100), Offer::Held);
+        let cost = 100 + FRAGMENT_OVERHEAD;
+        assert_eq!(
+            inc.offer(5, 0, 1, None, vec![0; 100], cost - 1),
+            Offer::Refused
+        );
+        assert_eq!(inc.offer(5, 0, 1, None, vec![0; 100], cost), Offer::Held);
+        // Empty fragments cost memory too.
+        assert_eq!(
+            inc.offer(6, 0, 1, None, Vec::new(), FRAGMENT_OVERHEAD - 1),
+            Offer::Refused
+        );
         // Sequence numbers near the end of the range do not overflow.
         inc.skip_to(u64::MAX - 3);
         assert_eq!(inc.window(), u64::MAX);

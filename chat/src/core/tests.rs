@@ -375,7 +375,7 @@ fn memory_stays_bounded_whatever_instance_ids_one_source_invents() {
     let m = b.core.memory();
     assert_eq!(m.runs, 1, "one address holds one run");
     assert!(
-        m.held_bytes <= recv::REORDER as usize * wire::fragment_size(),
+        m.held_bytes <= recv::REORDER as usize * (wire::fragment_size() + 160),
         "{m:?}"
     );
 }
@@ -467,4 +467,127 @@ fn an_idle_core_sleeps_for_seconds() {
     settle(&mut [&mut a, &mut b], t);
     a.core.handle_timeout(t + MS);
     assert!(a.core.poll_timeout() >= t + Duration::from_secs(4));
+}
+
+#[test]
+fn without_a_key_an_address_that_echoes_a_run_id_speaks_only_for_itself() {
+    let (mut a, mut b, t) = pair(None);
+    let eve = addr(666);
+    let ana = a.core.instance();
+    let bob = b.core.instance();
+    // Eve claims ana's (public) run id from her own port and echoes bob's challenge there.
+    b.core.handle_datagram(
+        t,
+        eve,
+        &Packet::greeting(Kind::Hello, ana, 0, 5, 0, "eve").encode(),
+    );
+    let token = challenge(&mut b).expect("a challenge to eve's address");
+    let mut confirm = Packet::greeting(Kind::Reply, ana, bob, 5, token, "renamed");
+    confirm.flags = wire::FLAG_VERIFIED;
+    b.core.handle_datagram(t, eve, &confirm.encode());
+    b.transmits();
+    // Her message is shown as from her address, not ana's; ana keeps her name.
+    let forged = Packet {
+        kind: Kind::Msg,
+        flags: 0,
+        src: ana,
+        dst: bob,
+        body: Body::Msg {
+            seq: u64::MAX / 2,
+            base: u64::MAX / 2,
+            frag: 0,
+            frags: 1,
+            nick: Some("n1".into()),
+            text: b"forged".to_vec(),
+        },
+    };
+    b.core.handle_datagram(t, eve, &forged.encode());
+    b.take_events();
+    assert_eq!(b.messages(), [(eve, "forged".to_string())]);
+    assert_eq!(b.core.chat_peer(a.addr).unwrap().1, "n1");
+    // Her acknowledgements do not make bob's messages delivered.
+    b.core.send(t, a.addr, "to ana").unwrap();
+    b.transmits(); // lost
+    for seq in 0..5 {
+        b.core
+            .handle_datagram(t, eve, &Packet::ack(ana, bob, seq, 5, 5000).encode());
+    }
+    b.take_events();
+    assert_eq!(b.count(|e| matches!(e, Event::Delivered { .. })), 0);
+    // Her goodbye does not make ana leave, and ana's stream is untouched by her huge base.
+    b.core
+        .handle_datagram(t, eve, &Packet::bye(ana, bob).encode());
+    a.core.send(t, b.addr, "real").unwrap();
+    settle(&mut [&mut a, &mut b], t);
+    assert_eq!(b.count(|e| matches!(e, Event::Leave { .. })), 0);
+    assert!(b.messages().contains(&(a.addr, "real".to_string())));
+}
+
+#[test]
+fn a_greeting_under_way_is_sent_three_times_however_often_it_is_asked() {
+    let t = Instant::now();
+    let mut b = Host::new(2, 2, None, t);
+    let mut sent = 0;
+    for s in 0..16u64 {
+        let now = t + Duration::from_millis(500 * s);
+        b.core.greet(now, addr(9));
+        b.core.handle_timeout(now);
+        sent += b.transmits().len();
+    }
+    assert_eq!(sent, 3);
+}
+
+#[test]
+fn an_echo_from_long_ago_verifies_nothing() {
+    let t = Instant::now();
+    let mut b = Host::new(2, 2, None, t);
+    b.core.handle_datagram(
+        t,
+        addr(7),
+        &Packet::greeting(Kind::Hello, 70, 0, 5, 0, "x").encode(),
+    );
+    let token = challenge(&mut b).unwrap();
+    let later = t + TOKEN_EPOCH * 3;
+    b.core.handle_timeout(later);
+    let mut confirm = Packet::greeting(Kind::Reply, 70, b.core.instance(), 5, token, "x");
+    confirm.flags = wire::FLAG_VERIFIED;
+    b.core.handle_datagram(later, addr(7), &confirm.encode());
+    assert!(b.core.chat_peer(addr(7)).is_none());
+    // In time, it does.
+    b.core.handle_datagram(t, addr(7), &confirm.encode());
+    assert!(b.core.chat_peer(addr(7)).is_some());
+}
+
+#[test]
+fn a_line_to_a_chat_peer_that_left_is_refused_not_sent_as_plain_text() {
+    let (mut a, mut b, t) = pair(None);
+    a.core.stop(t);
+    settle(&mut [&mut a, &mut b], t);
+    assert_eq!(b.count(|e| matches!(e, Event::Leave { .. })), 1);
+    assert_eq!(
+        b.core.send(t, a.addr, "hello?"),
+        Err(SendError::Gone(a.addr))
+    );
+    let out = b.transmits();
+    assert!(
+        out.iter()
+            .all(|x| x.bytes.starts_with(b"corokit-chat/2 hello")),
+        "only a greeting went out"
+    );
+}
+
+#[test]
+fn typed_text_that_looks_like_the_protocol_is_shown_as_typed() {
+    let t = Instant::now();
+    let mut b = Host::new(2, 2, None, t);
+    b.core
+        .handle_datagram(t, addr(9), b"corokit-chat/2 hello #this is just text");
+    b.take_events();
+    assert_eq!(
+        b.messages(),
+        [(
+            addr(9),
+            "corokit-chat/2 hello #this is just text".to_string()
+        )]
+    );
 }

@@ -17,7 +17,7 @@ use ureq::http::Uri;
 use ureq::tls::{Certificate, RootCerts, TlsConfig};
 use ureq::unversioned::resolver::{ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{
-    Buffers, ConnectProxyConnector, ConnectionDetails, Connector, Either, LazyBuffers, NextTimeout,
+    Buffers, ConnectProxyConnector, ConnectionDetails, Connector, Either, NextTimeout,
     RustlsConnector, Transport,
 };
 use ureq::{Agent, Timeout};
@@ -34,7 +34,10 @@ pub struct HttpOptions {
     pub read_timeout: Option<Duration>,
     /// Longest a whole request may take, body included, or none.
     pub overall_timeout: Option<Duration>,
-    /// Per-connection input buffer. ureq's 128 KiB default costs 256 MB at 1000 connections.
+    /// Per-connection input buffer to start with (ureq's 128 KiB default costs 256 MB at 1000
+    /// connections). It grows while the server keeps it full (a large header, a large body
+    /// read in large blocks) up to [`MAX_INPUT_BUFFER`], and shrinks back when the
+    /// connection is idle.
     pub input_buffer: usize,
     /// Per-connection output buffer (request line and headers).
     pub output_buffer: usize,
@@ -115,6 +118,8 @@ impl HttpOptions {
             .timeout_per_read(self.read_timeout)
             .timeout_global(self.overall_timeout)
             .input_buffer_size(self.input_buffer)
+            // A header larger than this is an error, not something to keep reading.
+            .max_response_header_size(64 * 1024)
             .output_buffer_size(self.output_buffer)
             .max_redirects(self.max_redirects)
             .max_idle_connections(self.max_idle)
@@ -136,6 +141,9 @@ impl HttpOptions {
         )
     }
 }
+
+/// The most a connection's input buffer grows to.
+pub const MAX_INPUT_BUFFER: usize = 512 * 1024;
 
 /// ureq keeps at most this many addresses per name.
 const MAX_ADDRS: usize = 16;
@@ -214,7 +222,7 @@ impl<In: Transport> Connector<In> for MayConnector {
         }
         // No ShutdownHandle is registered: nothing here calls `Agent::shutdown`, and a
         // handle would cost a duplicated fd per connection.
-        let buffers = LazyBuffers::new(
+        let buffers = Elastic::new(
             details.config.input_buffer_size(),
             details.config.output_buffer_size(),
         );
@@ -263,10 +271,124 @@ fn connect_any(
     Err(last.unwrap_or(ureq::Error::Timeout(Timeout::Connect)))
 }
 
+/// A connection's buffers. The input buffer starts at `base` (allocated on first use) and
+/// doubles, up to [`MAX_INPUT_BUFFER`], whenever a read fills all the room it was given (the
+/// peer has more ready than fits) or unparsed input fills it (a header larger than `base`);
+/// `shrink` gives the memory back when the connection is idle.
+struct Elastic {
+    base: usize,
+    target: usize,
+    input: Vec<u8>,
+    filled: usize,
+    consumed: usize,
+    /// The room handed out by the last `input_append_buf`.
+    offered: usize,
+    output: Vec<u8>,
+    output_size: usize,
+    progress: bool,
+}
+
+impl Elastic {
+    fn new(base: usize, output_size: usize) -> Self {
+        Elastic {
+            base: base.max(1024),
+            target: base.max(1024),
+            input: Vec::new(),
+            filled: 0,
+            consumed: 0,
+            offered: 0,
+            output: Vec::new(),
+            output_size: output_size.max(1024),
+            progress: false,
+        }
+    }
+
+    /// Moves unread input to the front when that makes room.
+    fn shift(&mut self) {
+        if self.consumed == self.filled {
+            self.consumed = 0;
+            self.filled = 0;
+        } else if self.consumed > 0 && self.filled > self.input.len() / 2 {
+            self.input.copy_within(self.consumed..self.filled, 0);
+            self.filled -= self.consumed;
+            self.consumed = 0;
+        }
+    }
+
+    /// Back to the starting size, if nothing is waiting to be read.
+    fn shrink(&mut self) {
+        if self.consumed == self.filled && self.input.len() > self.base {
+            self.input = Vec::new();
+            self.target = self.base;
+            self.filled = 0;
+            self.consumed = 0;
+        }
+    }
+}
+
+impl Buffers for Elastic {
+    fn output(&mut self) -> &mut [u8] {
+        if self.output.len() < self.output_size {
+            self.output.resize(self.output_size, 0);
+        }
+        &mut self.output
+    }
+
+    fn input(&self) -> &[u8] {
+        &self.input[self.consumed..self.filled]
+    }
+
+    fn input_append_buf(&mut self) -> &mut [u8] {
+        self.shift();
+        if self.filled == self.input.len() && self.input.len() >= self.target {
+            // Full of what could not be used yet: more room is the only way on.
+            self.target = (self.target * 2)
+                .min(MAX_INPUT_BUFFER)
+                .max(self.input.len() + 1024);
+        }
+        if self.input.len() < self.target {
+            self.input.resize(self.target, 0);
+        }
+        self.offered = self.input.len() - self.filled;
+        &mut self.input[self.filled..]
+    }
+
+    fn input_appended(&mut self, amount: usize) {
+        self.filled += amount;
+        assert!(self.filled <= self.input.len());
+        if amount == self.offered && self.target < MAX_INPUT_BUFFER {
+            self.target = (self.target * 2).min(MAX_INPUT_BUFFER);
+        }
+    }
+
+    fn input_consume(&mut self, amount: usize) {
+        self.progress = amount > 0;
+        self.consumed += amount;
+        assert!(self.consumed <= self.filled);
+    }
+
+    fn tmp_and_output(&mut self) -> (&mut [u8], &mut [u8]) {
+        const MIN_TMP: usize = 10 * 1024;
+        self.output();
+        if self.input.len() < self.target {
+            self.input.resize(self.target, 0);
+        }
+        if self.input.len() - self.filled < MIN_TMP {
+            let len = self.filled + MIN_TMP;
+            self.input.resize(len, 0);
+        }
+        (&mut self.input[self.filled..], &mut self.output)
+    }
+
+    fn can_use_input(&self) -> bool {
+        self.filled > self.consumed && self.progress
+    }
+}
+
 /// A plain TCP transport over a may socket.
 struct MayTransport {
     stream: may::net::TcpStream,
-    buffers: LazyBuffers,
+    buffers: Elastic,
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
 }
@@ -280,11 +402,13 @@ impl fmt::Debug for MayTransport {
 }
 
 /// Turns ureq's remaining time into a socket timeout, or the timeout error when none is left.
+/// (may keeps socket timeouts in whole milliseconds, and one under a millisecond would be no
+/// timeout at all.)
 fn socket_timeout(timeout: NextTimeout) -> Result<Option<Duration>, ureq::Error> {
     match timeout.not_zero() {
         None => Ok(None),
         Some(d) if d.is_zero() => Err(ureq::Error::Timeout(timeout.reason)),
-        Some(d) => Ok(Some(*d)),
+        Some(d) => Ok(Some(crate::wait_limit(*d))),
     }
 }
 
@@ -338,6 +462,9 @@ impl Transport for MayTransport {
     /// Called while ureq holds its pool's std mutex, so it must not yield: it peeks through
     /// the socket's std handle, which may has already made non-blocking.
     fn is_open(&mut self) -> bool {
+        // Asked when the connection would be reused, so it is idle: give back what a large
+        // answer made the buffers grow to.
+        self.buffers.shrink();
         let mut byte = [0u8; 1];
         match self.stream.inner().peek(&mut byte) {
             Err(e) => e.kind() == io::ErrorKind::WouldBlock,

@@ -1,93 +1,46 @@
-//! One entry of the list, from name to verified file: claiming a name, deciding how to
-//! resume, the HTTP exchange with `Range`/`If-Range`, streaming to `.part`, retries with
-//! backoff across mirrors, verification, and the final rename.
+//! One entry of the list, from name to verified file: claiming a name (the same URL twice in
+//! a list is one download), deciding how to resume, the exchange, streaming to `.part`,
+//! retries with backoff across mirrors, verification, and the final rename. What to do with
+//! each answer is decided by `resume::decide`; files are touched only through `files::Dir`.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use corokit_common::{Slot, Slots, TokenBucket};
+use may::sync::SyncFlag;
 use ring::digest;
 
-use crate::input::{Entry, Shown};
+use crate::exchange::{self, Failure};
+use crate::files::{Dir, FileError, Kind};
+use crate::input::Entry;
 use crate::naming::{self, SafeName};
 use crate::report::{Outcome, Record, Reporter};
-use crate::resume::{self, Paths, Plan, Record as StateRecord, State};
+use crate::resume::{self, Answer, Ask, Decision, Plan, Record as StateRecord, State};
+use crate::shown::Shown;
 use crate::Options;
-
-/// Why one attempt failed.
-#[derive(Debug, thiserror::Error)]
-pub enum Failure {
-    #[error("HTTP {status}")]
-    Status {
-        status: u16,
-        retry_after: Option<Duration>,
-    },
-    #[error("{0}")]
-    Network(String),
-    /// A redirect loop, or a chain longer than `--max-redirects`: another try would loop again.
-    #[error("too many redirects")]
-    Redirects,
-    #[error("timed out ({0})")]
-    Timeout(String),
-    #[error("checksum mismatch: expected sha-256 {want}, got {got}")]
-    Checksum { want: String, got: String },
-    #[error("{0}")]
-    Incomplete(String),
-    #[error("{what} {path}: {source}")]
-    Disk {
-        what: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
-    #[error("name clash: {0}")]
-    NameClash(String),
-    #[error("stopped by a signal; the partial file is kept for the next run")]
-    Interrupted,
-}
-
-impl Failure {
-    /// Worth another try: the network, timeouts, 5xx, 408, 429, and bodies cut short.
-    fn retryable(&self) -> bool {
-        match self {
-            Failure::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
-            Failure::Network(_) | Failure::Timeout(_) | Failure::Incomplete(_) => true,
-            _ => false,
-        }
-    }
-
-    fn from_ureq(e: ureq::Error) -> Failure {
-        match e {
-            ureq::Error::Timeout(t) => Failure::Timeout(t.to_string()),
-            ureq::Error::Io(e) => Failure::from_io(e),
-            ureq::Error::TooManyRedirects => Failure::Redirects,
-            ureq::Error::HostNotFound => Failure::Network("host not found".into()),
-            other => Failure::Network(other.to_string()),
-        }
-    }
-
-    fn from_io(e: io::Error) -> Failure {
-        if let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<ureq::Error>()) {
-            if let ureq::Error::Timeout(t) = inner {
-                return Failure::Timeout(t.to_string());
-            }
-            return Failure::Network(inner.to_string());
-        }
-        match e.kind() {
-            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Failure::Timeout("read".into()),
-            io::ErrorKind::UnexpectedEof => {
-                Failure::Incomplete("the connection closed before the whole body arrived".into())
-            }
-            _ => Failure::Network(e.to_string()),
-        }
-    }
-}
 
 /// Hosts whose `--per-host` slots are remembered before idle ones are forgotten.
 const MAX_HOSTS: usize = 4096;
+/// Bodies up to this size are received into memory and written in one go: an unnamed file
+/// linked in with its state, no `.part`. A run killed meanwhile has written nothing for them.
+const SMALL_BODY: u64 = 16 * 1024;
+/// Large bodies are read and written in blocks of this size.
+const BLOCK: usize = 256 * 1024;
+/// Times one download may be told to start over (an answer that does not continue the
+/// partial file) before it fails: each start-over asks for the whole file, which a working
+/// server answers with 200.
+const START_OVERS: u32 = 3;
+
+/// A name being downloaded to in this run.
+struct Claimant {
+    url: String,
+    line: usize,
+    released: Arc<SyncFlag>,
+}
 
 /// What every download shares.
 pub struct Context {
@@ -95,20 +48,40 @@ pub struct Context {
     pub agent: ureq::Agent,
     pub reporter: Reporter,
     pub shutdown: corokit_common::Shutdown,
-    claims: Mutex<HashMap<PathBuf, String>>,
+    root: Dir,
+    claims: Mutex<HashMap<PathBuf, Claimant>>,
+    /// Names servers gave to URLs (`--content-disposition`), per directory, loaded once.
+    names: Mutex<HashMap<PathBuf, Arc<HashMap<String, String>>>>,
     hosts: Mutex<HashMap<String, Slots>>,
     rate: Option<RateLimit>,
 }
 
+/// Why a name could not be claimed.
+enum NotClaimed {
+    /// The same URL is being saved there by an earlier line: wait for it.
+    Duplicate {
+        line: usize,
+        released: Arc<SyncFlag>,
+    },
+    Failed(Failure),
+}
+
 impl Context {
-    pub fn new(options: Options, reporter: Reporter, shutdown: corokit_common::Shutdown) -> Self {
+    pub fn new(
+        options: Options,
+        root: Dir,
+        reporter: Reporter,
+        shutdown: corokit_common::Shutdown,
+    ) -> Self {
         Context {
             agent: options.http.agent(),
             rate: options.limit_rate.map(RateLimit::new),
             options,
             reporter,
             shutdown,
+            root,
             claims: Mutex::new(HashMap::new()),
+            names: Mutex::new(HashMap::new()),
             hosts: Mutex::new(HashMap::new()),
         }
     }
@@ -149,10 +122,30 @@ impl Context {
         Some(slots.take())
     }
 
+    /// The name the server gave `url` in an earlier run, in `dir`.
+    fn remembered_name(&self, dir: &Dir, url: &str) -> Option<String> {
+        let table = {
+            let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+            names
+                .entry(dir.path(""))
+                .or_insert_with(|| Arc::new(dir.names()))
+                .clone()
+        };
+        table.get(&resume::url_hash(url)).cloned()
+    }
+
     /// Claims a name in `dir` for `url`: the first of `name`, `name.1`, … that is free or
-    /// already this URL's (from an earlier run). Files that belong to another URL, or that
-    /// fetch did not write, are never touched.
-    fn claim(&self, dir: &Path, name: &str, url: &str) -> Result<Claim<'_>, Failure> {
+    /// already this URL's (from an earlier run). Regular files that belong to another URL,
+    /// or that fetch did not write, are never touched; a link or special file where fetch
+    /// would write is an error.
+    fn claim<'a>(
+        &'a self,
+        dir: &'a Dir,
+        name: &str,
+        url: &str,
+        line: usize,
+    ) -> Result<Claim<'a>, NotClaimed> {
+        let failed = |f: Failure| NotClaimed::Failed(f);
         let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
         for n in 0..10_000 {
             let candidate = if n == 0 {
@@ -160,22 +153,43 @@ impl Context {
             } else {
                 naming::numbered(name, n)
             };
-            let paths = Paths::new(dir, &candidate);
-            if let Some(owner) = claims.get(&paths.done) {
-                if owner == url {
-                    return Err(Failure::NameClash(format!(
-                        "the same URL is already being saved as {}",
-                        paths.done.display()
-                    )));
+            let path = dir.path(&candidate);
+            if let Some(owner) = claims.get(&path) {
+                if owner.url == url {
+                    return Err(NotClaimed::Duplicate {
+                        line: owner.line,
+                        released: owner.released.clone(),
+                    });
                 }
                 continue;
             }
-            // With neither file present the name is free and no record could change the
-            // plan (it would start over), so the state is only read when a file is there.
-            let (ours, state) = if !paths.done.exists() && !paths.part.exists() {
+            let part = part_name(&candidate);
+            let kinds = (dir.kind(&candidate), dir.kind(&part));
+            let (done_kind, part_kind) = match kinds {
+                (Ok(d), Ok(p)) => (d, p),
+                (Err(source), _) | (_, Err(source)) => {
+                    return Err(failed(Failure::File(FileError::Io {
+                        what: "reading",
+                        path,
+                        source,
+                    })))
+                }
+            };
+            for (kind, at) in [(done_kind, &candidate), (part_kind, &part)] {
+                if kind == Kind::Other {
+                    return Err(failed(Failure::File(FileError::NotAFile(dir.path(at)))));
+                }
+            }
+            let (ours, state) = if done_kind == Kind::Missing && part_kind == Kind::Missing {
                 (true, None)
             } else {
-                match paths.load() {
+                // A download in progress (even over an older complete copy) is the partial
+                // file's state; else the complete file's.
+                let record = match dir.state(&part) {
+                    StateRecord::None => dir.state(&candidate),
+                    other => other,
+                };
+                match record {
                     StateRecord::Valid(s) if s.belongs_to(url) => (true, Some(s)),
                     StateRecord::Valid(_) | StateRecord::None => (false, None),
                     // fetch's own file, torn by a crash: whatever it was, it starts over.
@@ -183,35 +197,75 @@ impl Context {
                 }
             };
             if ours {
-                claims.insert(paths.done.clone(), url.to_string());
+                let released = Arc::new(SyncFlag::new());
+                claims.insert(
+                    path,
+                    Claimant {
+                        url: url.to_string(),
+                        line,
+                        released: released.clone(),
+                    },
+                );
                 return Ok(Claim {
                     ctx: self,
+                    dir,
                     name: candidate,
-                    paths,
+                    part,
                     state,
+                    released,
                 });
             }
         }
-        Err(Failure::NameClash(format!(
+        Err(failed(Failure::NameClash(format!(
             "no free name like {} in {}",
             Shown(name),
-            dir.display()
-        )))
+            dir.path("").display()
+        ))))
     }
+}
+
+fn part_name(name: &str) -> String {
+    format!("{name}.part")
 }
 
 /// A name held for one download during this run.
 struct Claim<'a> {
     ctx: &'a Context,
+    dir: &'a Dir,
     name: String,
-    paths: Paths,
+    part: String,
     state: Option<State>,
+    released: Arc<SyncFlag>,
 }
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         let mut claims = self.ctx.claims.lock().unwrap_or_else(|e| e.into_inner());
-        claims.remove(&self.paths.done);
+        claims.remove(&self.dir.path(&self.name));
+        self.released.fire();
+    }
+}
+
+impl Claim<'_> {
+    fn size(&self, name: &str) -> Option<u64> {
+        match self.dir.kind(name) {
+            Ok(Kind::File { len }) => Some(len),
+            _ => None,
+        }
+    }
+
+    fn plan(&self) -> Plan {
+        resume::plan(
+            self.state.as_ref(),
+            self.size(&self.name),
+            self.size(&self.part),
+        )
+    }
+
+    /// Forgets the partial file: the next request asks for the whole file.
+    fn discard_part(&mut self) {
+        self.dir.remove(&self.part);
+        self.state = None;
     }
 }
 
@@ -250,10 +304,27 @@ pub fn fetch(ctx: &Context, entry: &Entry) -> Record {
             } else {
                 Outcome::Failed
             };
-            record.error = Some(failure.to_string());
+            record.error = Some(crate::shown::redact(&failure.to_string()).into_owned());
         }
     }
     record
+}
+
+/// The directory an entry is saved in: the output directory, or its `dir=` below it.
+fn entry_dir(ctx: &Context, entry: &Entry) -> Result<Option<Dir>, Failure> {
+    let Some(sub) = &entry.dir else {
+        return Ok(None);
+    };
+    let (safe, changed) = naming::safe_subdir(sub);
+    if changed {
+        ctx.reporter.note(&format!(
+            "line {}: dir={} made safe as {}",
+            entry.line,
+            Shown(sub),
+            Shown(&safe.to_string_lossy())
+        ));
+    }
+    Ok(Some(ctx.root.sub(&safe)?))
 }
 
 fn run(
@@ -263,23 +334,19 @@ fn run(
     started: Instant,
 ) -> Result<Outcome, Failure> {
     let url = &entry.urls[0];
-    let mut dir = ctx.options.output.clone();
-    if let Some(sub) = &entry.dir {
-        let (sub, changed) = naming::safe_subdir(sub);
-        if changed {
-            ctx.reporter.note(&format!(
-                "line {}: dir={} made safe as {}",
-                entry.line,
-                Shown(entry.dir.as_deref().unwrap_or("")),
-                Shown(&sub.to_string_lossy())
-            ));
-        }
-        dir.push(sub);
-        fs::create_dir_all(&dir).map_err(disk("creating", &dir))?;
-    }
-    let named = match &entry.out {
-        Some(out) => naming::sanitize(out),
-        None => naming::from_url(url),
+    let sub = entry_dir(ctx, entry)?;
+    let dir = sub.as_ref().unwrap_or(&ctx.root);
+    // With --content-disposition, a URL the server named in an earlier run keeps that name.
+    let remembered = (ctx.options.content_disposition && entry.out.is_none())
+        .then(|| ctx.remembered_name(dir, url))
+        .flatten();
+    let named = match (&entry.out, &remembered) {
+        (Some(out), _) => naming::sanitize(out),
+        (None, Some(name)) => SafeName {
+            name: name.clone(),
+            changed: false,
+        },
+        (None, None) => naming::from_url(url),
     };
     if named.changed {
         ctx.reporter.note(&format!(
@@ -289,28 +356,55 @@ fn run(
             Shown(&named.name)
         ));
     }
-    let mut claim = ctx.claim(&dir, &named.name, url)?;
-    record.path = Some(claim.paths.done.clone());
-    // Only a complete record can skip; anything else is planned once, by the attempt.
-    let complete = claim.state.as_ref().filter(|s| s.complete);
-    if complete.is_some() && resume::plan(&claim.paths, complete) == Plan::Skip {
-        // The plan checked the file's size against the recorded length.
-        record.bytes = match complete.and_then(|s| s.length) {
-            Some(length) => length,
-            None => fs::metadata(&claim.paths.done).map_or(0, |m| m.len()),
-        };
-        if let Some(want) = entry.sha256 {
-            record.sha256 = Some(verify(&claim.paths.done, &want)?);
+    let mut claim = loop {
+        match ctx.claim(dir, &named.name, url, entry.line) {
+            Ok(claim) => break claim,
+            Err(NotClaimed::Failed(f)) => return Err(f),
+            Err(NotClaimed::Duplicate { line, released }) => {
+                // The same URL on an earlier line: one download. Once it is done, this
+                // entry finds the file complete (or tries again if it failed).
+                record.duplicate_of = Some(line);
+                released.wait();
+            }
         }
-        return Ok(Outcome::Skipped);
+    };
+    record.path = Some(dir.path(&claim.name));
+    if claim.plan() == Plan::Skip {
+        record.bytes = claim.size(&claim.name).unwrap_or(0);
+        match &entry.sha256 {
+            None => return Ok(Outcome::Skipped),
+            Some(want) => match verify(dir, &claim.name, want) {
+                Ok(hex) => {
+                    record.sha256 = Some(hex);
+                    return Ok(Outcome::Skipped);
+                }
+                Err(Failure::Checksum { .. }) => {
+                    // fetch's own file, and wrong: downloaded again into `.part`, and only
+                    // a verified copy replaces it.
+                    ctx.reporter.note(&format!(
+                        "{} fails its checksum; downloading it again",
+                        dir.path(&claim.name).display()
+                    ));
+                    claim.state = None;
+                }
+                Err(other) => return Err(other),
+            },
+        }
     }
     // With --content-disposition the server may still rename a download nobody has started.
-    let may_rename =
-        ctx.options.content_disposition && entry.out.is_none() && claim.state.is_none();
+    let may_rename = ctx.options.content_disposition
+        && entry.out.is_none()
+        && remembered.is_none()
+        && claim.state.is_none();
 
+    let deadline = ctx
+        .options
+        .file_timeout
+        .map(|limit| (started + limit, limit));
     let mut dead = vec![false; entry.urls.len()];
     let mut mirror = 0;
     let mut retries_left = ctx.options.retries;
+    let mut start_overs = 0;
     loop {
         if ctx.shutdown.is_requested() {
             return Err(Failure::Interrupted);
@@ -321,24 +415,52 @@ fn run(
         let rename = may_rename && claim.state.is_none();
         let result = {
             let _slot = ctx.host_slot(attempt_url);
-            attempt(ctx, entry, attempt_url, &mut claim, rename, record, started)
+            attempt(
+                ctx,
+                entry,
+                attempt_url,
+                &mut claim,
+                rename,
+                record,
+                deadline,
+            )
         };
+        record.path = Some(claim.dir.path(&claim.name));
+        record.bytes = claim
+            .size(&claim.name)
+            .filter(|_| result.is_ok())
+            .or_else(|| claim.size(&claim.part))
+            .unwrap_or(0);
         let failure = match result {
             Ok(()) => return Ok(Outcome::Ok),
             Err(f) => f,
         };
-        if matches!(
-            failure,
-            Failure::Interrupted | Failure::Disk { .. } | Failure::Checksum { .. }
-        ) {
-            return Err(failure);
-        }
-        if !failure.retryable() {
-            dead[mirror] = true;
-        } else if retries_left == 0 {
-            return Err(failure);
-        } else {
-            retries_left -= 1;
+        match &failure {
+            Failure::StartOver(why) => {
+                start_overs += 1;
+                if start_overs > START_OVERS {
+                    return Err(Failure::Refused(format!(
+                        "{why} (asked for the whole file {START_OVERS} times)"
+                    )));
+                }
+                ctx.reporter
+                    .note(&format!("{}: starting over: {why}", Shown(attempt_url)));
+                claim.discard_part();
+                continue;
+            }
+            Failure::Checksum { .. } => {
+                // These bytes are wrong: never continued, and this mirror is done.
+                claim.discard_part();
+                dead[mirror] = true;
+            }
+            f if f.ends_mirror() => dead[mirror] = true,
+            f if f.retryable() => {
+                if retries_left == 0 {
+                    return Err(failure);
+                }
+                retries_left -= 1;
+            }
+            _ => return Err(failure),
         }
         let Some(next) = (1..=entry.urls.len())
             .map(|i| (mirror + i) % entry.urls.len())
@@ -346,22 +468,31 @@ fn run(
         else {
             return Err(failure);
         };
-        if let Some(limit) = ctx.options.file_timeout {
-            if started.elapsed() >= limit {
-                return Err(Failure::Timeout(format!(
-                    "the whole file took over {limit:?}; last error: {failure}"
-                )));
-            }
-        }
-        ctx.reporter.note(&format!(
-            "retrying {} after: {failure}",
-            Shown(&entry.urls[mirror])
-        ));
         if failure.retryable() {
             let wait = backoff(ctx.options.retry_wait, record.attempts, &failure);
+            if let Some((until, limit)) = deadline {
+                let left = until.saturating_duration_since(Instant::now());
+                if wait >= left {
+                    return Err(Failure::OutOfTime(format!(
+                        "{failure}; the next try would wait {:.1} s, past the --timeout of {:?}",
+                        wait.as_secs_f64(),
+                        limit
+                    )));
+                }
+            }
+            ctx.reporter.note(&format!(
+                "retrying {} in {:.1} s after: {failure}",
+                Shown(&entry.urls[mirror]),
+                wait.as_secs_f64()
+            ));
             if ctx.shutdown.wait_timeout(wait) {
                 return Err(Failure::Interrupted);
             }
+        } else {
+            ctx.reporter.note(&format!(
+                "trying the next mirror after {}: {failure}",
+                Shown(&entry.urls[mirror])
+            ));
         }
         mirror = next;
     }
@@ -398,7 +529,18 @@ fn header<'a>(rsp: &'a ureq::http::Response<ureq::Body>, name: &str) -> Option<&
     rsp.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
-/// One HTTP exchange: request (with a range when resuming), then stream and finish.
+/// The SHA-256 being computed over what is written, when a checksum is expected.
+struct Hashing(Option<digest::Context>);
+
+impl Hashing {
+    fn update(&mut self, bytes: &[u8]) {
+        if let Some(ctx) = &mut self.0 {
+            ctx.update(bytes);
+        }
+    }
+}
+
+/// One exchange, and what the resume rules say to do with its answer.
 fn attempt<'a>(
     ctx: &'a Context,
     entry: &Entry,
@@ -406,78 +548,61 @@ fn attempt<'a>(
     claim: &mut Claim<'a>,
     may_rename: bool,
     record: &mut Record,
-    started: Instant,
+    deadline: Option<(Instant, Duration)>,
 ) -> Result<(), Failure> {
-    let plan = resume::plan(&claim.paths, claim.state.as_ref());
-    let mut req = ctx.agent.get(url).header("Accept-Encoding", "identity");
-    for (name, value) in &ctx.options.headers {
-        req = req.header(name.as_str(), value.as_str());
-    }
-    let resuming = match &plan {
-        Plan::Resume { offset, validator } => {
-            req = req
-                .header("Range", format!("bytes={offset}-"))
-                .header("If-Range", validator.as_str());
-            Some(*offset)
+    let ask = match claim.plan() {
+        Plan::Resume { offset, validator } => Ask::From { offset, validator },
+        Plan::Fresh { why } => {
+            if let (Some(why), 1) = (why, record.attempts) {
+                ctx.reporter
+                    .note(&format!("{}: starting over: {why}", Shown(url)));
+            }
+            Ask::Whole
         }
-        Plan::Fresh { why: Some(why) } if record.attempts == 1 => {
-            ctx.reporter
-                .note(&format!("{}: starting over: {why}", Shown(url)));
-            None
-        }
-        _ => None,
+        Plan::Skip => Ask::Whole,
     };
-    if let Some(limit) = ctx.options.file_timeout {
-        // A hard limit: a body that goes silent must not outlast it by a read timeout.
-        let left = limit.saturating_sub(started.elapsed());
-        req = req.config().timeout_global(Some(left)).build();
-    }
-    let rsp = req.call().map_err(Failure::from_ureq)?;
+    let (rsp, _final_url) = exchange::get(ctx, url, &ask, deadline)?;
     let status = rsp.status().as_u16();
     record.http_status = Some(status);
-    match status {
-        206 if resuming.is_some() => {
-            let offset = resuming.unwrap_or(0);
-            let range_start = header(&rsp, "Content-Range")
-                .and_then(|v| v.strip_prefix("bytes "))
-                .and_then(|v| v.split('-').next())
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            if range_start != Some(offset) {
-                claim.state = None;
-                return Err(Failure::Incomplete(format!(
-                    "the server sent a range that does not start at byte {offset}"
+    let answer = Answer {
+        status,
+        content_range: header(&rsp, "Content-Range"),
+        content_length: rsp.body().content_length(),
+        content_type: header(&rsp, "Content-Type"),
+        etag: header(&rsp, "ETag"),
+        last_modified: header(&rsp, "Last-Modified"),
+    };
+    match resume::decide(&ask, claim.state.as_ref(), &answer) {
+        Decision::NotSuccess => Err(Failure::Status {
+            status,
+            retry_after: header(&rsp, "Retry-After").and_then(retry_after),
+        }),
+        Decision::Refuse(why) => Err(Failure::Refused(why)),
+        Decision::StartOver(why) => Err(Failure::StartOver(why)),
+        Decision::Complete => {
+            let mut hashing = Hashing(None);
+            if let Some(want) = &entry.sha256 {
+                hashing = Hashing(Some(hash_file(claim.dir, &claim.part)?));
+                let _ = want;
+            }
+            finish(entry, claim, hashing, record)
+        }
+        Decision::Append { offset, length, .. } => {
+            let mut file = claim.dir.append(&claim.part)?;
+            let on_disk = file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+            if on_disk != offset {
+                return Err(Failure::StartOver(format!(
+                    "the partial file is {on_disk} bytes, not the {offset} asked from"
                 )));
             }
-            let part = &claim.paths.part;
-            let file = OpenOptions::new()
-                .append(true)
-                .open(part)
-                .map_err(disk("opening", part))?;
-            receive(ctx, entry, claim, file, rsp, record, started)
+            let hashing = match entry.sha256 {
+                Some(_) => Hashing(Some(hash_file(claim.dir, &claim.part)?)),
+                None => Hashing(None),
+            };
+            let hashing = receive(ctx, claim, &mut file, rsp, Some(length), hashing, deadline)?;
+            finish(entry, claim, hashing, record)
         }
-        416 if resuming.is_some() => {
-            let offset = resuming.unwrap_or(0);
-            let total = header(&rsp, "Content-Range")
-                .and_then(|v| v.strip_prefix("bytes */"))
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            let want = claim.state.as_ref().and_then(|s| s.length);
-            if want == Some(offset) && total.is_none_or(|t| t == offset) {
-                // Everything had arrived before the last run stopped.
-                finish(entry, claim, record)
-            } else {
-                claim.state = None;
-                Err(Failure::Incomplete(
-                    "the server cannot continue the partial file; starting over".into(),
-                ))
-            }
-        }
-        200..=299 => {
-            if resuming.is_some() {
-                ctx.reporter.note(&format!(
-                    "{}: the server's copy changed since the partial download; starting over",
-                    Shown(url)
-                ));
-            }
+        Decision::Whole { length } => {
             if may_rename {
                 if let Some(offered) =
                     header(&rsp, "Content-Disposition").and_then(naming::from_content_disposition)
@@ -485,33 +610,34 @@ fn attempt<'a>(
                     rename_claim(ctx, claim, &offered, url, entry.line)?;
                 }
             }
+            if answer.status == 200 && matches!(ask, Ask::From { .. }) {
+                ctx.reporter.note(&format!(
+                    "{}: the server's copy changed (it sent the whole file); starting over",
+                    Shown(url)
+                ));
+            }
             let state = State {
                 url: entry.urls[0].clone(),
-                etag: header(&rsp, "ETag").map(str::to_string),
-                last_modified: header(&rsp, "Last-Modified").map(str::to_string),
-                length: rsp.body().content_length(),
+                etag: answer.etag.map(str::to_string),
+                last_modified: answer.last_modified.map(str::to_string),
+                length,
                 complete: false,
                 url_hash: None,
             };
-            if state.length.is_some_and(|l| l <= SMALL_BODY) {
-                return receive_small(ctx, entry, claim, rsp, state, record);
+            let hashing = Hashing(entry.sha256.map(|_| digest::Context::new(&digest::SHA256)));
+            if length.is_some_and(|l| l <= SMALL_BODY) {
+                return receive_small(ctx, entry, claim, rsp, state, hashing, record);
             }
-            let part = &claim.paths.part;
-            let file = File::create(part).map_err(disk("creating", part))?;
-            claim
-                .paths
-                .save(&state)
-                .map_err(disk("recording the state of", part))?;
+            let mut file = claim.dir.create_file(&claim.part)?;
+            claim.dir.set_state(&file, &claim.part, &state)?;
             claim.state = Some(state);
-            receive(ctx, entry, claim, file, rsp, record, started)
+            let hashing = receive(ctx, claim, &mut file, rsp, length, hashing, deadline)?;
+            finish(entry, claim, hashing, record)
         }
-        _ => Err(Failure::Status {
-            status,
-            retry_after: header(&rsp, "Retry-After").and_then(retry_after),
-        }),
     }
 }
 
+/// Renames a claim to the name the server offered, and remembers it for later runs.
 fn rename_claim<'a>(
     ctx: &'a Context,
     claim: &mut Claim<'a>,
@@ -522,27 +648,26 @@ fn rename_claim<'a>(
     if offered.name == claim.name {
         return Ok(());
     }
-    let dir = claim
-        .paths
-        .done
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let renamed = ctx.claim(&dir, &offered.name, url)?;
+    let renamed = match ctx.claim(claim.dir, &offered.name, url, line) {
+        Ok(c) => c,
+        Err(NotClaimed::Failed(f)) => return Err(f),
+        Err(NotClaimed::Duplicate { .. }) => {
+            return Err(Failure::NameClash(format!(
+                "{} is being saved by another line",
+                Shown(&offered.name)
+            )))
+        }
+    };
     if offered.changed {
         ctx.reporter.note(&format!(
             "line {line}: the server's file name was not safe; saving as {}",
             Shown(&renamed.name)
         ));
     }
+    renamed.dir.remember_name(url, &renamed.name)?;
     *claim = renamed;
     Ok(())
 }
-
-/// Bodies up to this size are received into memory and written in one go: one file created
-/// and one rename, instead of a state file written before and after the body. A run killed
-/// meanwhile has written nothing for them, and the next run simply starts them over.
-const SMALL_BODY: u64 = 16 * 1024;
 
 fn receive_small(
     ctx: &Context,
@@ -550,6 +675,7 @@ fn receive_small(
     claim: &mut Claim<'_>,
     rsp: ureq::http::Response<ureq::Body>,
     mut state: State,
+    mut hashing: Hashing,
     record: &mut Record,
 ) -> Result<(), Failure> {
     state.complete = true;
@@ -559,7 +685,7 @@ fn receive_small(
         .into_reader()
         .take(SMALL_BODY + 1)
         .read_to_end(&mut body)
-        .map_err(Failure::from_io)?;
+        .map_err(|e| Failure::from_io(e, ctx.options.file_timeout))?;
     ctx.received(body.len());
     if state.length != Some(body.len() as u64) {
         return Err(Failure::Incomplete(format!(
@@ -568,70 +694,112 @@ fn receive_small(
             state.length.unwrap_or(0)
         )));
     }
+    hashing.update(&body);
     if let Some(want) = &entry.sha256 {
-        record.sha256 = Some(check_digest(
-            digest::digest(&digest::SHA256, &body).as_ref(),
-            want,
-        )?);
+        record.sha256 = Some(check_digest(hashing, want)?);
     }
-    claim
-        .paths
-        .write_complete(&body, &state)
-        .map_err(disk("writing", &claim.paths.done))?;
+    if !claim.dir.link_new(&claim.name, &body, &state)? {
+        let mut file = claim.dir.create_file(&claim.part)?;
+        file.write_all(&body)
+            .map_err(disk("writing", &claim.dir.path(&claim.part)))?;
+        claim.dir.set_state(&file, &claim.part, &state)?;
+        drop(file);
+        claim.dir.rename(&claim.part, &claim.name)?;
+    }
     claim.state = Some(state);
-    record.bytes = body.len() as u64;
     Ok(())
 }
 
 /// A disk failure on `path`, for `map_err`.
 fn disk(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Failure {
     let path = path.to_path_buf();
-    move |source| Failure::Disk { what, path, source }
+    move |source| Failure::File(FileError::Io { what, path, source })
 }
 
-/// Streams the body into `.part` (opened to write at its end), then finishes.
+/// Streams the body into `file` (the `.part`, at its end): exactly `expect` bytes when the
+/// answer said how many, else until the body ends. Reads and writes in large blocks.
 fn receive(
     ctx: &Context,
-    entry: &Entry,
-    claim: &mut Claim<'_>,
-    mut file: File,
+    claim: &Claim<'_>,
+    file: &mut File,
     rsp: ureq::http::Response<ureq::Body>,
-    record: &mut Record,
-    started: Instant,
-) -> Result<(), Failure> {
-    let part = &claim.paths.part;
+    expect: Option<u64>,
+    mut hashing: Hashing,
+    deadline: Option<(Instant, Duration)>,
+) -> Result<Hashing, Failure> {
+    let part = claim.dir.path(&claim.part);
     let mut reader = rsp.into_body().into_reader();
-    let mut buf = vec![0u8; 16 * 1024];
+    let small = expect.is_some_and(|e| e < BLOCK as u64);
+    let mut buf = vec![0u8; if small { 64 * 1024 } else { BLOCK }];
+    let mut got: u64 = 0;
     loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Failure::from_io(e)),
+        let room = match expect {
+            Some(e) => (e - got).min(buf.len() as u64) as usize,
+            None => buf.len(),
         };
-        file.write_all(&buf[..n]).map_err(disk("writing", part))?;
-        ctx.received(n);
+        if room == 0 {
+            break;
+        }
+        // Fill the block before writing it: fewer, larger writes.
+        let mut filled = 0;
+        let mut ended = false;
+        while filled < room {
+            match reader.read(&mut buf[filled..room]) {
+                Ok(0) => {
+                    ended = true;
+                    break;
+                }
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Keep what arrived: the next try continues from it.
+                    let _ = file.write_all(&buf[..filled]);
+                    return Err(Failure::from_io(e, deadline.map(|(_, limit)| limit)));
+                }
+            }
+        }
+        file.write_all(&buf[..filled])
+            .map_err(disk("writing", &part))?;
+        hashing.update(&buf[..filled]);
+        got += filled as u64;
+        ctx.received(filled);
         if ctx.shutdown.is_requested() {
             return Err(Failure::Interrupted);
         }
-        if let Some(limit) = ctx.options.file_timeout {
-            if started.elapsed() > limit {
-                return Err(Failure::Timeout(format!(
-                    "the whole file took over {limit:?}"
+        if let Some((until, limit)) = deadline {
+            if Instant::now() > until {
+                return Err(Failure::OutOfTime(format!(
+                    "the whole file took over {limit:?} (--timeout)"
                 )));
             }
         }
+        if ended {
+            break;
+        }
     }
-    file.flush().map_err(disk("writing", part))?;
-    drop(file);
-    finish(entry, claim, record)
+    file.flush().map_err(disk("writing", &part))?;
+    if let Some(e) = expect {
+        if got < e {
+            return Err(Failure::Incomplete(format!(
+                "got {got} of {e} bytes before the connection ended"
+            )));
+        }
+    }
+    Ok(hashing)
 }
 
-/// Checks length and checksum, then renames `.part` to the final name and records it.
-fn finish(entry: &Entry, claim: &mut Claim<'_>, record: &mut Record) -> Result<(), Failure> {
-    let paths = claim.paths.clone();
-    let size = fs::metadata(&paths.part)
-        .map_err(disk("reading", &paths.part))?
+/// Checks length and checksum, records the complete state on `.part` and renames it to the
+/// final name, so the file under that name always has its complete state.
+fn finish(
+    entry: &Entry,
+    claim: &mut Claim<'_>,
+    hashing: Hashing,
+    record: &mut Record,
+) -> Result<(), Failure> {
+    let file = claim.dir.open(&claim.part)?;
+    let size = file
+        .metadata()
+        .map_err(disk("reading", &claim.dir.path(&claim.part)))?
         .len();
     let mut state = claim.state.clone().unwrap_or_default();
     if let Some(want) = state.length {
@@ -641,50 +809,53 @@ fn finish(entry: &Entry, claim: &mut Claim<'_>, record: &mut Record) -> Result<(
             )));
         }
     }
-    if let Some(want) = entry.sha256 {
-        match verify(&paths.part, &want) {
-            Ok(hex) => record.sha256 = Some(hex),
-            Err(e) => {
-                // A file that does not match must not be continued next time.
-                let _ = fs::remove_file(&paths.part);
-                claim.state = None;
-                return Err(e);
-            }
-        }
+    if let Some(want) = &entry.sha256 {
+        record.sha256 = Some(check_digest(hashing, want)?);
     }
-    fs::rename(&paths.part, &paths.done).map_err(disk("renaming", &paths.part))?;
     state.complete = true;
     state.length = Some(size);
-    paths
-        .save(&state)
-        .map_err(disk("recording the state of", &paths.done))?;
+    claim.dir.set_state(&file, &claim.part, &state)?;
+    drop(file);
+    claim.dir.rename(&claim.part, &claim.name)?;
     claim.state = Some(state);
-    record.bytes = size;
     Ok(())
 }
 
-/// The file's SHA-256 in hex if it matches `want`, else a checksum failure.
-fn verify(path: &Path, want: &[u8; 32]) -> Result<String, Failure> {
-    let mut file = File::open(path).map_err(disk("reading", path))?;
+/// The SHA-256 context of what `name` holds so far.
+fn hash_file(dir: &Dir, name: &str) -> Result<digest::Context, Failure> {
+    let mut file = dir.open(name)?;
     let mut ctx = digest::Context::new(&digest::SHA256);
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; BLOCK];
     loop {
-        let n = file.read(&mut buf).map_err(disk("reading", path))?;
+        let n = file
+            .read(&mut buf)
+            .map_err(disk("reading", &dir.path(name)))?;
         if n == 0 {
-            break;
+            return Ok(ctx);
         }
         ctx.update(&buf[..n]);
     }
-    check_digest(ctx.finish().as_ref(), want)
+}
+
+/// The file's SHA-256 in hex if it matches `want`, else a checksum failure.
+fn verify(dir: &Dir, name: &str, want: &[u8; 32]) -> Result<String, Failure> {
+    check_digest(Hashing(Some(hash_file(dir, name)?)), want)
 }
 
 /// The digest in hex if it is the one wanted, else a checksum failure.
-fn check_digest(got: &[u8], want: &[u8; 32]) -> Result<String, Failure> {
-    let (got, want) = (crate::hex(got), crate::hex(want));
+fn check_digest(hashing: Hashing, want: &[u8; 32]) -> Result<String, Failure> {
+    let got = hashing
+        .0
+        .map(|c| crate::hex(c.finish().as_ref()))
+        .unwrap_or_default();
+    let want = crate::hex(want);
     if got == want {
         Ok(got)
     } else {
-        Err(Failure::Checksum { want, got })
+        Err(Failure::Checksum {
+            want: format!("sha-256 {want}"),
+            got,
+        })
     }
 }
 
@@ -715,19 +886,5 @@ mod tests {
             retry_after: Some(Duration::from_secs(2)),
         };
         assert!(backoff(base, 1, &limited) >= Duration::from_secs(2));
-    }
-
-    #[test]
-    fn only_transient_failures_are_retried() {
-        let status = |s| Failure::Status {
-            status: s,
-            retry_after: None,
-        };
-        for s in [408, 429, 500, 503] {
-            assert!(status(s).retryable(), "{s}");
-        }
-        for s in [400, 403, 404, 410] {
-            assert!(!status(s).retryable(), "{s}");
-        }
     }
 }

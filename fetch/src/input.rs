@@ -2,7 +2,7 @@
 //! lists. Blank lines and `#` comments are ignored; tab-separated URLs on one line are
 //! mirrors of the same file; indented `key=value` lines under a URL set its options.
 
-use std::fmt;
+use crate::shown::Shown;
 
 /// One file to download, as the list describes it.
 #[derive(Debug, Clone, PartialEq)]
@@ -95,6 +95,20 @@ impl Parser {
         out
     }
 
+    /// A line too long to read (it was skipped without being kept): a bad line, and the
+    /// options under it go with it.
+    pub fn push_too_long(&mut self, limit: usize) -> Parsed {
+        self.line += 1;
+        self.skipping_options = true;
+        Parsed {
+            entry: self.pending.take(),
+            bad: Some(bad(
+                self.line,
+                &format!("the line is longer than {limit} bytes"),
+            )),
+        }
+    }
+
     /// Ends the list, returning the last entry if any.
     pub fn finish(&mut self) -> Option<Entry> {
         self.pending.take()
@@ -168,22 +182,6 @@ fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
         out[i] = u8::from_str_radix(text, 16).ok()?;
     }
     Some(out)
-}
-
-/// Text from the list, quoted with control characters escaped, for error messages.
-pub struct Shown<'a>(pub &'a str);
-
-impl fmt::Display for Shown<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut text = String::new();
-        for c in self.0.chars().take(200) {
-            text.extend(c.escape_debug());
-        }
-        if self.0.chars().count() > 200 {
-            text.push('…');
-        }
-        write!(f, "\"{text}\"")
-    }
 }
 
 #[cfg(test)]

@@ -5,10 +5,13 @@
 //! length of the list. Each entry is downloaded by [`download::fetch`].
 
 pub mod download;
+pub mod exchange;
+pub mod files;
 pub mod input;
 pub mod naming;
 pub mod report;
 pub mod resume;
+pub mod shown;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,6 +50,8 @@ pub struct Options {
     /// Longest a single file may take across all its tries.
     pub file_timeout: Option<Duration>,
     pub headers: Vec<(String, String)>,
+    /// Redirects followed per request (fetch follows them itself).
+    pub max_redirects: u32,
     /// Total bytes per second across all downloads.
     pub limit_rate: Option<u64>,
     pub content_disposition: bool,
@@ -65,6 +70,7 @@ impl Default for Options {
             retry_wait: Duration::from_secs(1),
             file_timeout: None,
             headers: Vec::new(),
+            max_redirects: 10,
             limit_rate: None,
             content_disposition: false,
             quiet: false,
@@ -72,6 +78,44 @@ impl Default for Options {
             http: HttpOptions::default(),
         }
     }
+}
+
+/// A `-H "Name: value"` argument, checked the way the request will need it.
+pub fn header_arg(arg: &str) -> Result<(String, String), RunError> {
+    let bad = |why: &str| RunError::Usage(format!("--header {}: {why}", shown::Shown(arg)));
+    let (name, value) = arg
+        .split_once(':')
+        .ok_or_else(|| bad("not \"Name: value\""))?;
+    let (name, value) = (name.trim(), value.trim());
+    ureq::http::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| bad("not a valid header name"))?;
+    ureq::http::HeaderValue::from_str(value).map_err(|_| bad("not a valid header value"))?;
+    Ok((name.to_string(), value.to_string()))
+}
+
+/// Memory maps each download coroutine takes: its stack and the guard page below it.
+const MAPS_PER_JOB: u64 = 2;
+/// Memory maps left for everything else (libraries, heap arenas, threads, buffers).
+const MAPS_SPARE: u64 = 4096;
+
+/// Checks that `jobs` coroutines fit in the memory maps the kernel allows a process
+/// (`vm.max_map_count`): past it, creating one fails half-way through a run.
+pub fn check_jobs(jobs: usize) -> Result<(), RunError> {
+    let Some(max) = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    else {
+        return Ok(());
+    };
+    let fits = max.saturating_sub(MAPS_SPARE) / MAPS_PER_JOB;
+    if jobs as u64 > fits {
+        return Err(RunError::Usage(format!(
+            "-j {jobs} needs about {} memory maps, and this system allows {max} \
+             (vm.max_map_count); use -j {fits} or less, or raise vm.max_map_count",
+            jobs as u64 * MAPS_PER_JOB + MAPS_SPARE
+        )));
+    }
+    Ok(())
 }
 
 /// Why a run could not start.
@@ -89,15 +133,19 @@ pub enum RunError {
     },
     #[error(transparent)]
     Runtime(#[from] corokit_common::Error),
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// Downloads every entry of `list` and returns the totals. Stops early, keeping partial
 /// files, when `shutdown` is requested.
-pub fn run(options: Options, list: Lines, shutdown: Shutdown) -> Result<Summary, RunError> {
-    std::fs::create_dir_all(&options.output).map_err(|source| RunError::OutputDir {
+pub fn run(mut options: Options, list: Lines, shutdown: Shutdown) -> Result<Summary, RunError> {
+    let root = files::Dir::create(&options.output).map_err(|source| RunError::OutputDir {
         path: options.output.clone(),
         source,
     })?;
+    // fetch follows redirects itself, checking each one (see `exchange`).
+    options.http.max_redirects = 0;
     let reporter = Reporter::new(options.quiet, options.report.as_ref()).map_err(|source| {
         RunError::Report {
             path: options.report.clone().unwrap_or_default(),
@@ -105,7 +153,7 @@ pub fn run(options: Options, list: Lines, shutdown: Shutdown) -> Result<Summary,
         }
     })?;
     let jobs = options.jobs.max(1);
-    let ctx = Arc::new(Context::new(options, reporter, shutdown.clone()));
+    let ctx = Arc::new(Context::new(options, root, reporter, shutdown.clone()));
 
     // may's channels are unbounded: a semaphore of free places bounds the queue, so the
     // producer reads the list only as fast as workers take entries.
@@ -134,6 +182,7 @@ pub fn run(options: Options, list: Lines, shutdown: Shutdown) -> Result<Summary,
         let Some(line) = list.recv() else { break };
         let parsed = match line {
             Ok(line) => parser.push(&line),
+            Err(corokit_common::stdin::LineError::TooLong { limit }) => parser.push_too_long(limit),
             Err(e) => {
                 ctx.reporter.list_error(&e.to_string());
                 break;

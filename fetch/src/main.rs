@@ -16,9 +16,13 @@ use corokit_fetch::{run, Options};
 /// mirrors of the same file, and indented lines under a URL set `out=NAME`, `dir=SUBDIR` or
 /// `checksum=sha-256=HEX` for it.
 ///
+/// A file under its final name is always complete and one version of the server's bytes;
+/// nothing is written through a symbolic link, and files fetch did not write are not touched.
+///
 /// Exit status: 0 when every file was downloaded or already complete; 1 when any download
-/// failed; 2 for usage errors, an unreadable list, or bad lines in it (the good lines still
-/// run); 130 when stopped by Ctrl-C or SIGTERM (partial files are kept for the next run).
+/// failed; 2 for usage errors (checked before any request), an unreadable list, or bad lines
+/// in it (the good lines still run); 130 when stopped by Ctrl-C, SIGTERM or SIGHUP (partial
+/// files are kept for the next run).
 #[derive(Parser, Debug)]
 #[command(
     name = "fetch",
@@ -32,7 +36,7 @@ struct Args {
     /// Directory to save into (created if missing).
     #[arg(short, long, default_value = ".")]
     output: PathBuf,
-    /// Downloads at once.
+    /// Downloads at once (at most what vm.max_map_count allows: two memory maps each).
     #[arg(short, long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     jobs: u32,
     /// Downloads at once from one host (0: no limit).
@@ -54,13 +58,13 @@ struct Args {
     /// Seconds one file may take across all its tries (no limit by default).
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<f64>,
-    /// Redirects followed per request.
+    /// Redirects followed per request (fetch follows them itself: only http and https).
     #[arg(long, default_value_t = 10)]
     max_redirects: u32,
     /// Trust the certificates in this PEM file too (a private CA).
     #[arg(long, value_name = "FILE")]
     ca_cert: Option<PathBuf>,
-    /// Extra request header, "Name: value" (repeatable).
+    /// Extra request header, "Name: value" (repeatable; checked at start).
     #[arg(short = 'H', long = "header", value_name = "HEADER")]
     headers: Vec<String>,
     /// The User-Agent header.
@@ -122,18 +126,12 @@ fn options(args: &Args) -> anyhow::Result<Options> {
         ..Options::default()
     };
     for h in &args.headers {
-        let Some((name, value)) = h.split_once(':') else {
-            bail!("--header {h:?} is not \"Name: value\"");
-        };
-        let (name, value) = (name.trim(), value.trim());
-        if name.is_empty() || name.contains(char::is_whitespace) {
-            bail!("--header {h:?} has no valid header name");
-        }
-        o.headers.push((name.to_string(), value.to_string()));
+        o.headers.push(corokit_fetch::header_arg(h)?);
     }
+    corokit_fetch::check_jobs(o.jobs)?;
     o.http.connect_timeout = seconds("connect-timeout", args.connect_timeout)?;
     o.http.read_timeout = Some(seconds("read-timeout", args.read_timeout)?);
-    o.http.max_redirects = args.max_redirects;
+    o.max_redirects = args.max_redirects;
     // Keep-alive connections for every job, so a host's connections are reused.
     o.http.max_idle = o.jobs.max(16);
     o.http.max_idle_per_host = o.jobs.max(16);

@@ -33,25 +33,55 @@ pub fn from_url(url: &str) -> SafeName {
     }
 }
 
+/// The parameters of a header value like `attachment; filename="a;b.pdf"; size=3`, as
+/// (lower-case name, value) with quoted strings unquoted (RFC 9110 §5.6.4, §5.6.6).
+fn parameters(header: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut chars = header.chars().peekable();
+    // The disposition type.
+    while chars.next_if(|&c| c != ';').is_some() {}
+    while chars.next() == Some(';') {
+        let mut name = String::new();
+        while let Some(c) = chars.next_if(|&c| c != '=' && c != ';') {
+            name.push(c);
+        }
+        if chars.next_if_eq(&'=').is_none() {
+            continue;
+        }
+        while chars.next_if(|c| c.is_ascii_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'"').is_some() {
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' => break,
+                    '\\' => value.extend(chars.next()),
+                    c => value.push(c),
+                }
+            }
+            while chars.next_if(|&c| c != ';').is_some() {}
+        } else {
+            while let Some(c) = chars.next_if(|&c| c != ';') {
+                value.push(c);
+            }
+            value = value.trim_end().to_string();
+        }
+        out.push((name.trim().to_ascii_lowercase(), value));
+    }
+    out
+}
+
 /// The filename a `Content-Disposition` header offers (`filename*=UTF-8''…` preferred).
 pub fn from_content_disposition(header: &str) -> Option<SafeName> {
-    let mut plain = None;
-    for part in header.split(';').map(str::trim) {
-        let Some((key, value)) = part.split_once('=') else {
-            continue;
-        };
-        match key.trim().to_ascii_lowercase().as_str() {
-            "filename*" => {
-                let value = value.trim().trim_matches('"');
-                let encoded = value.splitn(3, '\'').nth(2).unwrap_or(value);
-                let decoded = percent_decode_str(encoded).decode_utf8_lossy();
-                return Some(sanitize(&decoded));
-            }
-            "filename" => plain = Some(value.trim().trim_matches('"').to_string()),
-            _ => {}
-        }
+    let params = parameters(header);
+    if let Some((_, value)) = params.iter().find(|(n, _)| n == "filename*") {
+        let encoded = value.splitn(3, '\'').nth(2).unwrap_or(value);
+        let decoded = percent_decode_str(encoded).decode_utf8_lossy();
+        return Some(sanitize(&decoded));
     }
-    plain.map(|p| sanitize(&p))
+    params
+        .iter()
+        .find(|(n, _)| n == "filename")
+        .map(|(_, v)| sanitize(v))
 }
 
 /// Makes `name` a single safe path component: no separators, NUL, control or bidi
@@ -185,6 +215,22 @@ mod tests {
             "attachment; filename=a.txt; filename*=UTF-8''r%C3%A9sum%C3%A9.pdf",
         );
         assert_eq!(utf8.unwrap().name, "résumé.pdf");
+        for (header, want) in [
+            ("attachment; filename=\"a;b.pdf\"", "a;b.pdf"),
+            (
+                "attachment;filename=\"q\\\"uote.txt\"; size=3",
+                "q\"uote.txt",
+            ),
+            ("inline; FILENAME = plain.txt ; x=1", "plain.txt"),
+            ("attachment; name=\"x\"; filename=\"\"", "_"),
+        ] {
+            assert_eq!(
+                from_content_disposition(header).unwrap().name,
+                want,
+                "{header}"
+            );
+        }
+        assert_eq!(from_content_disposition("attachment"), None);
         assert_eq!(
             safe_subdir("../a/./b/../../c"),
             (["a", "b", "c"].iter().collect(), true)

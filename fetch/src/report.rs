@@ -8,10 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use corokit_common::text::{escape, json_line};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use crate::input::{BadLine, Shown};
+use crate::input::BadLine;
+use crate::shown::{redact, Shown};
 
 /// How one entry ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -35,6 +37,9 @@ pub struct Record {
     pub http_status: Option<u16>,
     pub bytes: u64,
     pub attempts: u32,
+    /// The earlier line with the same URL whose download this one waited for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicate_of: Option<usize>,
     #[serde(serialize_with = "seconds")]
     pub elapsed: Duration,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -51,12 +56,13 @@ impl Record {
     pub fn new(line: usize, url: &str) -> Self {
         Record {
             line,
-            url: url.to_string(),
+            url: redact(url).into_owned(),
             path: None,
             outcome: Outcome::Failed,
             http_status: None,
             bytes: 0,
             attempts: 0,
+            duplicate_of: None,
             elapsed: Duration::ZERO,
             sha256: None,
             error: None,
@@ -133,10 +139,11 @@ impl Reporter {
         }
     }
 
-    /// Something worth telling that is not a failure (a renamed file, a restart).
+    /// Something worth telling that is not a failure (a renamed file, a restart). Text from
+    /// outside in it is already quoted with `Shown`; the rest is escaped here too.
     pub fn note(&self, text: &str) {
         if !self.quiet {
-            self.line(&format!("fetch: {text}"));
+            self.line(&format!("fetch: {}", escape(&redact(text))));
         }
     }
 
@@ -195,23 +202,29 @@ impl Reporter {
                 "fetch: FAILED line {} {}: {}",
                 record.line,
                 Shown(&record.url),
-                record.error.as_deref().unwrap_or("unknown error")
+                escape(&redact(record.error.as_deref().unwrap_or("unknown error")))
             )),
-            Outcome::Skipped if !self.quiet && self.bar.is_none() => {
-                self.line(&format!("fetch: already complete: {path}"))
-            }
+            Outcome::Skipped if !self.quiet && self.bar.is_none() => match record.duplicate_of {
+                Some(line) => self.line(&format!(
+                    "fetch: line {}: the same URL as line {line}, saved once: {}",
+                    record.line,
+                    escape(&path)
+                )),
+                None => self.line(&format!("fetch: already complete: {}", escape(&path))),
+            },
             Outcome::Ok if !self.quiet && self.bar.is_none() => self.line(&format!(
-                "fetch: ok {} -> {path} ({} bytes)",
+                "fetch: ok {} -> {} ({} bytes)",
                 Shown(&record.url),
+                escape(&path),
                 record.bytes
             )),
             _ => {}
         }
         if let Some(report) = &self.report {
             let mut w = report.lock().unwrap_or_else(|e| e.into_inner());
-            if let Ok(json) = serde_json::to_string(record) {
+            if let Ok(value) = serde_json::to_value(record) {
                 // Written through at once, so a killed run still reports what it finished.
-                let _ = writeln!(w, "{json}").and_then(|_| w.flush());
+                let _ = writeln!(w, "{}", json_line(&value)).and_then(|_| w.flush());
             }
         }
     }

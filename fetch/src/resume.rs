@@ -1,24 +1,19 @@
-//! Resume state: what a re-run needs to know about each download, kept with it.
+//! Resume state and resume decisions, as pure functions: what is on disk, what we asked and
+//! what the server answered go in; what to do comes out. Nothing here touches a file or the
+//! network (see `files` and `download`).
 //!
 //! For `NAME` there are at most two files: `NAME` (only ever a complete, verified download)
 //! and `NAME.part` (bytes received so far, exactly as the server sent them). The state (URL,
-//! validators, expected length, completeness) is JSON in the extended attribute
+//! validators, expected length, completeness) is kept in the extended attribute
 //! `user.corokit.fetch` of whichever of the two it describes, so it cannot be separated from
-//! its bytes, moves with the final rename, and costs no extra file (file creation dominates
-//! the cost of small downloads). On a filesystem without user xattrs it goes to a sidecar
-//! `.NAME.fetch` instead.
+//! its bytes and moves with the final rename; a filesystem without user xattrs gets a sidecar
+//! `.NAME.fetch` instead. A complete file's state is the short form `done LENGTH URLHASH` (the
+//! first 96 bits of the URL's SHA-256), small enough to stay inside an ext4 inode.
 //!
-//! The state is set before the first byte goes to `.part`, so a partial file always has the
-//! validators needed to continue it safely with `If-Range`. A state that cannot be parsed
-//! (torn by a crash, or edited) only makes that download start over.
-//!
-//! A complete file needs only its owner and length, so its state is the short form
-//! `done LENGTH URLHASH` (the first 96 bits of the URL's SHA-256, in hex): short enough to
-//! stay inside an ext4 inode, where the JSON form needs a block of its own.
-
-use std::fs::{self, File};
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+//! **The rule**: bytes are appended to a partial file only when the answer is exactly the
+//! continuation we asked for, of the version we recorded: a 206 whose `Content-Range` starts
+//! where the file ends, runs to the end of a file of the recorded length, and carries the
+//! recorded validator. Anything else starts over or fails, and says why.
 
 use serde::{Deserialize, Serialize};
 
@@ -59,126 +54,30 @@ impl State {
     }
 }
 
-/// The extended attribute that holds the state.
-const XATTR: &str = "user.corokit.fetch";
-
-/// The paths of one download.
+/// What the recorded state is.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Paths {
-    pub done: PathBuf,
-    pub part: PathBuf,
-    /// The sidecar, used only where extended attributes are not supported.
-    pub state: PathBuf,
-}
-
-impl Paths {
-    pub fn new(dir: &Path, name: &str) -> Self {
-        Paths {
-            done: dir.join(name),
-            part: dir.join(format!("{name}.part")),
-            state: dir.join(format!(".{name}.fetch")),
-        }
-    }
-
-    /// The state of this download: the partial file's if there is one (a download in
-    /// progress, even over an older complete copy), else the complete file's.
-    pub fn load(&self) -> Record {
-        for file in [&self.part, &self.done] {
-            // An error means no such file or no xattrs here: look further.
-            if let Ok(Some(json)) = xattr::get(file, XATTR) {
-                return parse(&json);
-            }
-        }
-        match fs::read(&self.state) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Record::None,
-            Err(_) => Record::Unreadable,
-            Ok(json) => parse(&json),
-        }
-    }
-
-    /// Records `state` on the file it describes (`NAME` when complete, else `NAME.part`),
-    /// which must exist.
-    pub fn save(&self, state: &State) -> io::Result<()> {
-        let value = encode(state)?;
-        let file = if state.complete {
-            &self.done
-        } else {
-            &self.part
-        };
-        match xattr::set(file, XATTR, &value) {
-            Ok(()) => Ok(()),
-            Err(e) if unsupported(&e) => fs::write(&self.state, value),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Puts a whole download, already verified, at `NAME` with its complete state. Where
-    /// the filesystem allows, an unnamed file is written, given its state and then linked in:
-    /// one directory entry made, none renamed, and nothing left behind by a crash. Elsewhere
-    /// (or when `NAME` exists) it goes through `.part` and a rename.
-    pub fn write_complete(&self, body: &[u8], state: &State) -> io::Result<()> {
-        if self.link_new(body, state)? {
-            return Ok(());
-        }
-        fs::write(&self.part, body)?;
-        fs::rename(&self.part, &self.done)?;
-        self.save(state)
-    }
-
-    /// False where unnamed files or user xattrs are not supported, or `NAME` exists.
-    #[cfg(target_os = "linux")]
-    fn link_new(&self, body: &[u8], state: &State) -> io::Result<bool> {
-        use rustix::fs::{linkat, openat, AtFlags, Mode, OFlags, CWD};
-        use std::os::fd::AsRawFd;
-        use xattr::FileExt;
-
-        let dir = match self.done.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let flags = OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC;
-        let Ok(fd) = openat(CWD, dir, flags, Mode::from_raw_mode(0o666)) else {
-            return Ok(false);
-        };
-        let mut file = File::from(fd);
-        file.write_all(body)?;
-        match file.set_xattr(XATTR, &encode(state)?) {
-            Ok(()) => {}
-            Err(e) if unsupported(&e) => return Ok(false),
-            Err(e) => return Err(e),
-        }
-        let unnamed = format!("/proc/self/fd/{}", file.as_raw_fd());
-        Ok(linkat(
-            CWD,
-            unnamed.as_str(),
-            CWD,
-            &self.done,
-            AtFlags::SYMLINK_FOLLOW,
-        )
-        .is_ok())
-    }
-
-    #[cfg(not(target_os = "linux"))]
-    fn link_new(&self, _body: &[u8], _state: &State) -> io::Result<bool> {
-        Ok(false)
-    }
+pub enum Record {
+    None,
+    /// Present but not valid (torn by a crash, or edited): fetch's, but unusable.
+    Unreadable,
+    Valid(State),
 }
 
 /// The stored form: short for a complete file of known length, else JSON.
-fn encode(state: &State) -> io::Result<Vec<u8>> {
+pub fn encode(state: &State) -> Vec<u8> {
     match (state.complete, state.length) {
         (true, Some(length)) => {
             let hash = state
                 .url_hash
                 .clone()
                 .unwrap_or_else(|| url_hash(&state.url));
-            Ok(format!("done {length} {hash}").into_bytes())
+            format!("done {length} {hash}").into_bytes()
         }
-        _ => serde_json::to_vec(state).map_err(io::Error::other),
+        _ => serde_json::to_vec(state).expect("a State serialises"),
     }
 }
 
-fn parse(value: &[u8]) -> Record {
+pub fn parse(value: &[u8]) -> Record {
     if let Some(short) = value.strip_prefix(b"done ") {
         let text = std::str::from_utf8(short).unwrap_or("");
         let mut parts = text.split(' ');
@@ -204,44 +103,29 @@ fn parse(value: &[u8]) -> Record {
 }
 
 /// The first 96 bits of the URL's SHA-256, in hex.
-fn url_hash(url: &str) -> String {
+pub fn url_hash(url: &str) -> String {
     crate::hex(&ring::digest::digest(&ring::digest::SHA256, url.as_bytes()).as_ref()[..12])
 }
 
-/// The filesystem (or the platform) has no user extended attributes.
-fn unsupported(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::Unsupported || e.raw_os_error() == Some(95) // EOPNOTSUPP
-}
-
-/// What the recorded state is.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Record {
-    None,
-    /// Present but not valid JSON (torn by a crash, or edited): fetch's, but unusable.
-    Unreadable,
-    Valid(State),
-}
-
-/// What to do for a download, from what is on disk.
+/// What to do for a download, from its record and the sizes of its files (`None`: absent).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Plan {
     /// Complete from an earlier run.
     Skip,
-    /// Continue `.part` from `offset`, if the server's copy still matches `validator`.
+    /// Ask for the rest of `.part` from `offset`, if the server's copy still matches.
     Resume { offset: u64, validator: String },
-    /// Start from nothing (no record, a missing file, or a partial that cannot be
+    /// Ask for the whole file (no record, a missing file, or a partial that cannot be
     /// continued safely); `why` says which when it is worth telling.
     Fresh { why: Option<&'static str> },
 }
 
 /// Decides from the record (already known to be this URL's) and the files present.
-pub fn plan(paths: &Paths, state: Option<&State>) -> Plan {
+pub fn plan(state: Option<&State>, done: Option<u64>, part: Option<u64>) -> Plan {
     let Some(state) = state else {
         return Plan::Fresh { why: None };
     };
-    let size = |p: &Path| fs::metadata(p).ok().map(|m| m.len());
     if state.complete {
-        return match size(&paths.done) {
+        return match done {
             Some(len) if state.length.is_none_or(|want| want == len) => Plan::Skip,
             Some(_) => Plan::Fresh {
                 why: Some("the finished file changed size since it was downloaded"),
@@ -251,12 +135,15 @@ pub fn plan(paths: &Paths, state: Option<&State>) -> Plan {
             },
         };
     }
-    match (size(&paths.part), state.validator()) {
+    match (part, state.validator()) {
         (None, _) => Plan::Fresh {
             why: Some("the partial file is gone"),
         },
         (Some(_), None) => Plan::Fresh {
             why: Some("the server gave no validator to resume against"),
+        },
+        (Some(offset), _) if state.length.is_some_and(|l| offset > l) => Plan::Fresh {
+            why: Some("the partial file is longer than the whole file"),
         },
         (Some(offset), Some(v)) => Plan::Resume {
             offset,
@@ -265,150 +152,193 @@ pub fn plan(paths: &Paths, state: Option<&State>) -> Plan {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// What was asked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ask {
+    Whole,
+    /// `Range: bytes=OFFSET-` with `If-Range: VALIDATOR`.
+    From {
+        offset: u64,
+        validator: String,
+    },
+}
 
-    fn state(complete: bool) -> State {
-        State {
-            url: "http://h/f".into(),
-            etag: Some("\"v1\"".into()),
-            last_modified: None,
-            length: Some(5),
-            complete,
-            url_hash: None,
+/// What the server answered: the status and the headers that matter.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Answer<'a> {
+    pub status: u16,
+    pub content_range: Option<&'a str>,
+    pub content_length: Option<u64>,
+    pub content_type: Option<&'a str>,
+    pub etag: Option<&'a str>,
+    pub last_modified: Option<&'a str>,
+}
+
+/// What to do with an answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// A whole body: write it from the start. `length` is what must arrive, when known.
+    Whole { length: Option<u64> },
+    /// Append exactly `length` bytes at `offset`; the file is then `total` bytes.
+    Append {
+        offset: u64,
+        length: u64,
+        total: u64,
+    },
+    /// Everything was already there: finish the partial file as it is.
+    Complete,
+    /// The answer does not continue what we have: discard the partial file and ask for the
+    /// whole file.
+    StartOver(String),
+    /// The answer cannot be used, and asking the same server again will not help.
+    Refuse(String),
+    /// Not a success: redirects, errors and retries are the caller's.
+    NotSuccess,
+}
+
+/// `bytes FIRST-LAST/TOTAL` (or `bytes */TOTAL`), strictly: no spaces inside, decimal digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentRange {
+    Range {
+        first: u64,
+        last: u64,
+        total: Option<u64>,
+    },
+    Unsatisfied {
+        total: u64,
+    },
+}
+
+pub fn content_range(value: &str) -> Option<ContentRange> {
+    let rest = value.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let number = |s: &str| {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u64>().ok())
+            .flatten()
+    };
+    let total = match total {
+        "*" => None,
+        t => Some(number(t)?),
+    };
+    if range == "*" {
+        return Some(ContentRange::Unsatisfied { total: total? });
+    }
+    let (first, last) = range.split_once('-')?;
+    Some(ContentRange::Range {
+        first: number(first)?,
+        last: number(last)?,
+        total,
+    })
+}
+
+/// Decides what an answer means for a download that asked `ask` with `record` on disk.
+pub fn decide(ask: &Ask, record: Option<&State>, answer: &Answer<'_>) -> Decision {
+    let whole = || Decision::Whole {
+        length: answer.content_length,
+    };
+    match (answer.status, ask) {
+        (200, _) => whole(),
+        (206, Ask::Whole) => Decision::Refuse(
+            "the server sent part of the file (206) for a request of all of it".into(),
+        ),
+        (206, Ask::From { offset, validator }) => continuation(*offset, validator, record, answer),
+        (416, Ask::Whole) => {
+            Decision::Refuse("the server answered 416 to a request for the whole file".into())
         }
-    }
-
-    #[test]
-    fn the_four_states() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = Paths::new(dir.path(), "f");
-        assert_eq!(plan(&paths, None), Plan::Fresh { why: None });
-
-        fs::write(&paths.part, b"abc").unwrap();
-        let resume = plan(&paths, Some(&state(false)));
-        assert_eq!(
-            resume,
-            Plan::Resume {
-                offset: 3,
-                validator: "\"v1\"".into()
+        (416, Ask::From { offset, .. }) => {
+            let total = answer.content_range.and_then(content_range);
+            let recorded = record.and_then(|s| s.length);
+            match total {
+                Some(ContentRange::Unsatisfied { total })
+                    if total == *offset && recorded == Some(*offset) =>
+                {
+                    Decision::Complete
+                }
+                _ => Decision::StartOver(format!(
+                    "the server cannot continue the partial file from byte {offset}"
+                )),
             }
-        );
+        }
+        (200..=299, _) => {
+            Decision::Refuse(format!("HTTP {} is not a file download", answer.status))
+        }
+        _ => Decision::NotSuccess,
+    }
+}
 
-        fs::remove_file(&paths.part).unwrap();
-        assert!(matches!(
-            plan(&paths, Some(&state(false))),
-            Plan::Fresh { why: Some(_) }
-        ));
-
-        fs::write(&paths.done, b"abcde").unwrap();
-        assert_eq!(plan(&paths, Some(&state(true))), Plan::Skip);
-        fs::remove_file(&paths.done).unwrap();
-        assert!(matches!(
-            plan(&paths, Some(&state(true))),
-            Plan::Fresh { why: Some(_) }
+/// A 206 to `Range: bytes=OFFSET-`: appended only if it is exactly that continuation, of the
+/// recorded version.
+fn continuation(
+    offset: u64,
+    validator: &str,
+    record: Option<&State>,
+    answer: &Answer<'_>,
+) -> Decision {
+    let start_over = |why: String| Decision::StartOver(why);
+    if answer
+        .content_type
+        .is_some_and(|t| t.trim().to_ascii_lowercase().starts_with("multipart/"))
+    {
+        return start_over("the server sent several ranges instead of one".into());
+    }
+    let Some(range) = answer.content_range.and_then(content_range) else {
+        return start_over("the partial answer has no usable Content-Range".into());
+    };
+    let ContentRange::Range {
+        first,
+        last,
+        total: Some(total),
+    } = range
+    else {
+        return start_over("the partial answer does not say how long the file is".into());
+    };
+    if first != offset {
+        return start_over(format!(
+            "the server sent bytes from {first}, not from {offset}"
         ));
     }
-
-    #[test]
-    fn weak_etags_fall_back_to_last_modified() {
-        let mut s = state(false);
-        s.etag = Some("W/\"x\"".into());
-        assert_eq!(s.validator(), None);
-        s.last_modified = Some("Sun, 22 Nov 2026 01:00:00 GMT".into());
-        assert_eq!(s.validator(), Some("Sun, 22 Nov 2026 01:00:00 GMT"));
+    if last < first || last >= total {
+        return start_over(format!("the range {first}-{last}/{total} is not valid"));
     }
-
-    #[test]
-    fn state_travels_with_the_file_it_describes() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = Paths::new(dir.path(), "f.bin");
-        assert_eq!(paths.load(), Record::None);
-        fs::write(&paths.part, b"abc").unwrap();
-        paths.save(&state(false)).unwrap();
-        assert_eq!(paths.load(), Record::Valid(state(false)));
-        fs::rename(&paths.part, &paths.done).unwrap();
-        assert_eq!(
-            paths.load(),
-            Record::Valid(state(false)),
-            "the rename lost the state"
-        );
-        paths.save(&state(true)).unwrap();
-        let Record::Valid(done) = paths.load() else {
-            panic!("the complete state was not read back");
-        };
-        assert!(done.complete && done.length == Some(5) && done.belongs_to("http://h/f"));
-        assert!(!done.belongs_to("http://h/g"));
-        // Short enough to stay in the inode.
-        let raw = xattr::get(&paths.done, XATTR).unwrap().unwrap();
-        assert!(raw.len() <= 56, "{}", String::from_utf8_lossy(&raw));
-        // A new partial download over the complete copy takes precedence.
-        fs::write(&paths.part, b"").unwrap();
-        let mut newer = state(false);
-        newer.etag = Some("\"v2\"".into());
-        paths.save(&newer).unwrap();
-        assert_eq!(paths.load(), Record::Valid(newer));
-        xattr::set(&paths.part, XATTR, b"{\"url\": \"http://h/f\", \"comp").unwrap();
-        assert_eq!(paths.load(), Record::Unreadable);
-        assert!(
-            !paths.state.exists(),
-            "a sidecar was written where xattrs work"
-        );
+    if last + 1 != total {
+        return start_over(format!(
+            "the server sent bytes {first}-{last} of {total}, not the rest of the file"
+        ));
+    }
+    let length = total - first;
+    if answer.content_length.is_some_and(|l| l != length) {
+        return start_over(format!(
+            "Content-Length {} does not match the range {first}-{last}",
+            answer.content_length.unwrap_or(0)
+        ));
+    }
+    let Some(state) = record else {
+        return start_over("nothing is recorded about the partial file".into());
+    };
+    if state.length.is_some_and(|l| l != total) {
+        return start_over(format!(
+            "the file is now {total} bytes; it was {}",
+            state.length.unwrap_or(0)
+        ));
+    }
+    // The validator we sent must come back: a server or cache that ignores If-Range would
+    // otherwise splice two versions.
+    let same = if state.etag.as_deref() == Some(validator) {
+        answer.etag == Some(validator)
+    } else {
+        answer.last_modified == Some(validator)
+            && answer.etag.is_none_or(|e| state.etag.as_deref() == Some(e))
+    };
+    if !same {
+        return start_over("the server's copy changed since the partial download".into());
+    }
+    Decision::Append {
+        offset,
+        length,
+        total,
     }
 }
 
 #[cfg(test)]
-mod complete_files {
-    use super::*;
-
-    #[test]
-    fn a_whole_download_appears_at_once_with_its_state() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = Paths::new(dir.path(), "f.bin");
-        let state = State {
-            url: "http://h/f.bin".into(),
-            length: Some(3),
-            complete: true,
-            ..State::default()
-        };
-        paths.write_complete(b"abc", &state).unwrap();
-        assert_eq!(fs::read(&paths.done).unwrap(), b"abc");
-        assert!(!paths.part.exists());
-        assert_eq!(
-            plan(
-                &paths,
-                match &paths.load() {
-                    Record::Valid(s) if s.belongs_to("http://h/f.bin") => Some(s),
-                    other => panic!("{other:?}"),
-                }
-            ),
-            Plan::Skip
-        );
-        // An older copy at NAME is replaced, not kept.
-        paths
-            .write_complete(
-                b"abcd",
-                &State {
-                    length: Some(4),
-                    ..state
-                },
-            )
-            .unwrap();
-        assert_eq!(fs::read(&paths.done).unwrap(), b"abcd");
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
-    }
-
-    #[test]
-    fn a_damaged_short_form_is_unreadable() {
-        assert_eq!(parse(b"done 12 nothex"), Record::Unreadable);
-        assert_eq!(
-            parse(b"done x 0123456789abcdef01234567"),
-            Record::Unreadable
-        );
-        assert!(matches!(
-            parse(b"done 12 0123456789abcdef01234567"),
-            Record::Valid(_)
-        ));
-    }
-}
+mod tests;

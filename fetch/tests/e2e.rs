@@ -1,80 +1,15 @@
 //! `fetch` end to end: the real binary in a temp dir against local test servers.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use corokit_testkit::{ConnectProxy, Fault, Request, Response, Server, TestCert};
 
-const LM: &str = "Sun, 22 Nov 2026 01:00:00 GMT";
-
-fn fetch_bin() -> Command {
-    corokit_common::init();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fetch"));
-    cmd.stdin(Stdio::null());
-    cmd
-}
-
-struct Run {
-    code: i32,
-    stderr: String,
-}
-
-fn run_fetch(dir: &Path, list: &str, extra: &[&str]) -> Run {
-    let list_path = dir.join("urls.txt");
-    std::fs::write(&list_path, list).unwrap();
-    let out: Output = fetch_bin()
-        .arg(&list_path)
-        .arg("-o")
-        .arg(dir.join("out"))
-        .args([
-            "--retry-wait",
-            "0.05",
-            "--connect-timeout",
-            "2",
-            "--read-timeout",
-            "5",
-        ])
-        .args(extra)
-        .output()
-        .unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// Deterministic content for file `i`, 1–16 KB.
-fn content(i: usize) -> Vec<u8> {
-    let len = 1024 + (i * 7919) % (15 * 1024);
-    (0..len).map(|j| ((i * 31 + j * 7) % 251) as u8).collect()
-}
-
-fn files_server() -> Server {
-    Server::start(|req| {
-        let i: usize = req
-            .path
-            .trim_start_matches("/f/")
-            .trim_end_matches(".bin")
-            .parse()
-            .unwrap_or(0);
-        Response::file(req, &content(i), &format!("\"v{i}\""), LM).delay(Duration::from_millis(20))
-    })
-}
-
-fn out(dir: &Path, name: &str) -> PathBuf {
-    dir.join("out").join(name)
-}
-
-fn report_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
+mod support;
+use support::*;
 
 #[test]
 fn many_files_at_once_arrive_byte_for_byte() {
@@ -213,15 +148,13 @@ fn a_partial_file_that_was_already_whole_is_finished_on_416() {
     // Make it look as if the last run stopped after the last byte, before the rename.
     let done = out(dir.path(), "whole.bin");
     let part = out(dir.path(), "whole.bin.part");
-    let recorded = xattr::get(&done, "user.corokit.fetch")
-        .unwrap()
-        .expect("the state is on the file");
+    let recorded = get_state(&done).expect("the state is on the file");
     assert!(recorded.starts_with(b"done 5000 "), "{recorded:?}");
     let state = serde_json::json!({
         "url": list.trim(), "etag": "\"x\"", "length": 5000, "complete": false
     });
     std::fs::rename(&done, &part).unwrap();
-    xattr::set(&part, "user.corokit.fetch", state.to_string().as_bytes()).unwrap();
+    set_state(&part, state.to_string().as_bytes());
 
     let run = run_fetch(dir.path(), &list, &[]);
     assert_eq!(run.code, 0, "{}", run.stderr);
@@ -795,7 +728,9 @@ fn content_disposition_names_files_safely_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let run = run_fetch(dir.path(), &list, &["--content-disposition"]);
     assert_eq!(run.code, 0, "{}", run.stderr);
+    // .fetch-names remembers which URL the server named what, for the next run.
     let want = [
+        ".fetch-names",
         "_._.._escape.sh",
         "report.1.pdf",
         "report.pdf",
@@ -814,10 +749,17 @@ fn content_disposition_names_files_safely_when_asked() {
     );
     assert!(run.stderr.contains("not safe"), "{}", run.stderr);
     assert!(!dir.path().join("escape.sh").exists());
-    // A second run finds the same names again instead of numbering new copies.
+    // A second run finds the same files again: nothing is downloaded twice or renumbered.
+    let requests = server.stats.requests();
     let again = run_fetch(dir.path(), &list, &["--content-disposition"]);
     assert_eq!(again.code, 0, "{}", again.stderr);
     assert_eq!(names(dir.path()), want);
+    assert!(
+        again.stderr.contains("0 ok, 4 already complete"),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(server.stats.requests(), requests, "downloaded again");
 }
 
 #[test]
@@ -962,7 +904,7 @@ fn user_agent_redirect_limit_and_whole_file_timeout() {
             .to_string()
     };
     assert!(
-        line("/hop/3").contains("too many redirects"),
+        line("/hop/3").contains("more than 2 redirects"),
         "{}",
         run.stderr
     );

@@ -1,6 +1,7 @@
 //! Test-only helpers: a scriptable HTTP/1.1 server (plain or TLS) on loopback, run as may
 //! coroutines, that can delay, serve ranges with validators, redirect, drop a connection
-//! mid-body, send a short body, or stall; and a self-signed certificate to trust.
+//! mid-body, send a short body, stall, send raw (malformed) status lines and headers, or close
+//! a kept-alive connection instead of answering; and a self-signed certificate to trust.
 //!
 //! may_minihttp cannot do most of this (no Range, no way to misbehave on purpose), and a
 //! real test of a downloader needs a server that misbehaves exactly as asked.
@@ -20,6 +21,8 @@ pub struct Request {
     pub method: String,
     pub path: String,
     pub headers: Vec<(String, String)>,
+    /// 1 for the first request on its connection, 2 for the next one kept alive, …
+    pub on_connection: usize,
 }
 
 impl Request {
@@ -41,6 +44,9 @@ pub enum Fault {
     DropAfter(usize),
     /// Send this many body bytes, then go silent for the duration, then close.
     StallAfter(usize, Duration),
+    /// Close the connection without answering, as a server whose keep-alive timeout fires just
+    /// as the next request arrives.
+    Close,
 }
 
 /// What the handler answers.
@@ -55,6 +61,9 @@ pub struct Response {
     /// Content-Length sent; defaults to the body's length. Larger than the body gives a
     /// short body (the server closes after the body).
     pub content_length: Option<usize>,
+    /// Sent instead of the status line and headers, as they are (with the blank line that
+    /// ends them); the connection closes after the body.
+    pub raw_head: Option<Vec<u8>>,
 }
 
 impl Response {
@@ -66,6 +75,16 @@ impl Response {
             delay: Duration::ZERO,
             fault: Fault::None,
             content_length: None,
+            raw_head: None,
+        }
+    }
+
+    /// An answer whose status line and headers are `head` exactly (CRLFs and all), then
+    /// `body`: for answers no well-behaved server would send.
+    pub fn raw(head: &[u8], body: impl Into<Vec<u8>>) -> Self {
+        Response {
+            raw_head: Some(head.to_vec()),
+            ..Self::new(200, body)
         }
     }
 
@@ -323,7 +342,9 @@ impl Drop for InFlight<'_> {
 /// Serves requests on one connection until the client closes or a fault ends it.
 fn serve<S: Read + Write>(mut conn: S, handler: &Handler, stats: &Stats) {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut on_connection = 0;
     loop {
+        on_connection += 1;
         let (req, consumed, close) = loop {
             let mut headers = [httparse::EMPTY_HEADER; 64];
             let mut parsed = httparse::Request::new(&mut headers);
@@ -343,6 +364,7 @@ fn serve<S: Read + Write>(mut conn: S, handler: &Handler, stats: &Stats) {
                         method: parsed.method.unwrap_or("GET").to_string(),
                         path: parsed.path.unwrap_or("/").to_string(),
                         headers,
+                        on_connection,
                     };
                     let close = req
                         .header("Connection")
@@ -383,6 +405,16 @@ fn serve<S: Read + Write>(mut conn: S, handler: &Handler, stats: &Stats) {
         if !rsp.delay.is_zero() {
             corokit_common::sleep(rsp.delay);
         }
+        if rsp.fault == Fault::Close {
+            return;
+        }
+        if let Some(head) = &rsp.raw_head {
+            let _ = conn
+                .write_all(head)
+                .and_then(|_| conn.write_all(&rsp.body))
+                .and_then(|_| conn.flush());
+            return;
+        }
         let declared = rsp.content_length.unwrap_or(rsp.body.len());
         let mut head = format!("HTTP/1.1 {} {}\r\n", rsp.status, reason(rsp.status));
         let mut seen: HashMap<String, ()> = HashMap::new();
@@ -405,6 +437,7 @@ fn serve<S: Read + Write>(mut conn: S, handler: &Handler, stats: &Stats) {
         let sent = match rsp.fault {
             Fault::None => body,
             Fault::DropAfter(n) | Fault::StallAfter(n, _) => &body[..n.min(body.len())],
+            Fault::Close => &[],
         };
         if conn.write_all(sent).and_then(|_| conn.flush()).is_err() {
             return;

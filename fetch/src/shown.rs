@@ -1,0 +1,84 @@
+//! How text from outside (the list, URLs, server headers, names) appears in fetch's output:
+//! quoted, escaped by the one definition in `corokit_common::text`, cut to a readable length,
+//! and with any password in a URL replaced by `***`.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use corokit_common::text::escape;
+
+/// Longest text shown, in characters.
+const SHOWN: usize = 200;
+
+/// Text from outside, quoted and escaped, for messages.
+pub struct Shown<'a>(pub &'a str);
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = redact(self.0);
+        let mut cut: String = text.chars().take(SHOWN).collect();
+        if text.chars().nth(SHOWN).is_some() {
+            cut.push('…');
+        }
+        write!(f, "\"{}\"", escape(&cut))
+    }
+}
+
+/// `text` with the password of every URL in it replaced by `***` (`http://ann:***@host/`).
+pub fn redact(text: &str) -> Cow<'_, str> {
+    if !text.contains('@') {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace() || c == '"')
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(i) => {
+                let userinfo = &authority[..i];
+                let user = userinfo.split(':').next().unwrap_or("");
+                out.push_str(user);
+                if userinfo.contains(':') {
+                    out.push_str(":***");
+                }
+                out.push_str(&authority[i..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(
+            redact("http://ann:s3cret@h.example:8080/f?x=1"),
+            "http://ann:***@h.example:8080/f?x=1"
+        );
+        assert_eq!(
+            redact("error for https://bob:pw@a/x and http://c:d@e"),
+            "error for https://bob:***@a/x and http://c:***@e"
+        );
+        assert_eq!(redact("http://tok@h/"), "http://tok@h/");
+        assert_eq!(redact("mail me@example.org"), "mail me@example.org");
+        let shown = Shown("http://u:p@h/\u{9b}\u{202e}x").to_string();
+        assert_eq!(shown, "\"http://u:***@h/\\u{9b}\\u{202e}x\"");
+    }
+
+    #[test]
+    fn long_text_is_cut() {
+        let shown = Shown(&"a".repeat(1000)).to_string();
+        assert_eq!(shown.chars().count(), SHOWN + 3);
+    }
+}

@@ -63,7 +63,7 @@ impl Default for HttpOptions {
             read_timeout: Some(Duration::from_secs(30)),
             overall_timeout: None,
             input_buffer: 16 * 1024,
-            output_buffer: 4 * 1024,
+            output_buffer: OUTPUT_BUFFER,
             extra_roots: Vec::new(),
             max_redirects: 10,
             max_idle: 1024,
@@ -144,6 +144,8 @@ impl HttpOptions {
 
 /// The most a connection's input buffer grows to.
 pub const MAX_INPUT_BUFFER: usize = 512 * 1024;
+/// The output buffer by default: a request head up to this size (long signed URLs fit).
+pub const OUTPUT_BUFFER: usize = 8 * 1024;
 
 /// ureq keeps at most this many addresses per name.
 const MAX_ADDRS: usize = 16;

@@ -42,6 +42,11 @@ struct Claimant {
     released: Arc<SyncFlag>,
 }
 
+/// A download under way, by what makes two lines one download: the directory, the `out=`
+/// name and the URL. A later line with the same key waits for it (whatever names the
+/// server gives meanwhile).
+type Underway = (PathBuf, Option<String>, String);
+
 /// What every download shares.
 pub struct Context {
     pub options: Options,
@@ -50,8 +55,10 @@ pub struct Context {
     pub shutdown: corokit_common::Shutdown,
     root: Dir,
     claims: Mutex<HashMap<PathBuf, Claimant>>,
-    /// Names servers gave to URLs (`--content-disposition`), per directory, loaded once.
-    names: Mutex<HashMap<PathBuf, Arc<HashMap<String, String>>>>,
+    underway: Mutex<HashMap<Underway, (usize, Arc<SyncFlag>)>>,
+    /// Names URLs were saved under when not their own (numbered, or named by the server),
+    /// per directory: `.fetch-names`, loaded once and kept up to date.
+    names: Mutex<HashMap<PathBuf, HashMap<String, String>>>,
     hosts: Mutex<HashMap<String, Slots>>,
     rate: Option<RateLimit>,
 }
@@ -81,6 +88,7 @@ impl Context {
             shutdown,
             root,
             claims: Mutex::new(HashMap::new()),
+            underway: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
             hosts: Mutex::new(HashMap::new()),
         }
@@ -122,16 +130,39 @@ impl Context {
         Some(slots.take())
     }
 
-    /// The name the server gave `url` in an earlier run, in `dir`.
+    /// The name `url` was saved under in `dir` by an earlier line or run, when it was not
+    /// its own. Only a name fetch could have given is taken: the file is the user's to edit.
     fn remembered_name(&self, dir: &Dir, url: &str) -> Option<String> {
-        let table = {
-            let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-            names
-                .entry(dir.path(""))
-                .or_insert_with(|| Arc::new(dir.names()))
-                .clone()
-        };
-        table.get(&resume::url_hash(url)).cloned()
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        let table = names.entry(dir.path("")).or_insert_with(|| dir.names());
+        table
+            .get(&resume::url_hash(url))
+            .filter(|name| !naming::sanitize(name).changed)
+            .cloned()
+    }
+
+    /// Remembers that `url` is saved as `name` in `dir`, for later lines and runs.
+    fn remember_name(&self, dir: &Dir, url: &str, name: &str) -> Result<(), Failure> {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        let table = names.entry(dir.path("")).or_insert_with(|| dir.names());
+        table.insert(resume::url_hash(url), name.to_string());
+        dir.remember_name(url, name)?;
+        Ok(())
+    }
+
+    /// Marks a download under way, or says which line has it.
+    fn start(&self, key: Underway, line: usize) -> Result<Started<'_>, (usize, Arc<SyncFlag>)> {
+        let mut underway = self.underway.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((first, released)) = underway.get(&key) {
+            return Err((*first, released.clone()));
+        }
+        let released = Arc::new(SyncFlag::new());
+        underway.insert(key.clone(), (line, released.clone()));
+        Ok(Started {
+            ctx: self,
+            key,
+            released,
+        })
     }
 
     /// Claims a name in `dir` for `url`: the first of `name`, `name.1`, … that is free or
@@ -191,9 +222,9 @@ impl Context {
                 };
                 match record {
                     StateRecord::Valid(s) if s.belongs_to(url) => (true, Some(s)),
-                    StateRecord::Valid(_) | StateRecord::None => (false, None),
-                    // fetch's own file, torn by a crash: whatever it was, it starts over.
-                    StateRecord::Unreadable => (true, None),
+                    // Another URL's, a file fetch did not write, or a state nobody can read
+                    // (which anyone could have planted): not touched.
+                    _ => (false, None),
                 }
             };
             if ours {
@@ -209,6 +240,7 @@ impl Context {
                 return Ok(Claim {
                     ctx: self,
                     dir,
+                    numbered: n > 0,
                     name: candidate,
                     part,
                     state,
@@ -228,10 +260,27 @@ fn part_name(name: &str) -> String {
     format!("{name}.part")
 }
 
+/// A download marked under way; the mark goes (and waiting lines wake) when it is dropped.
+struct Started<'a> {
+    ctx: &'a Context,
+    key: Underway,
+    released: Arc<SyncFlag>,
+}
+
+impl Drop for Started<'_> {
+    fn drop(&mut self) {
+        let mut underway = self.ctx.underway.lock().unwrap_or_else(|e| e.into_inner());
+        underway.remove(&self.key);
+        self.released.fire();
+    }
+}
+
 /// A name held for one download during this run.
 struct Claim<'a> {
     ctx: &'a Context,
     dir: &'a Dir,
+    /// Not the name asked for but a numbered one: remembered once the file is made.
+    numbered: bool,
     name: String,
     part: String,
     state: Option<State>,
@@ -267,6 +316,15 @@ impl Claim<'_> {
         self.dir.remove(&self.part);
         self.state = None;
     }
+
+    /// Removes a partial file of this URL left beside a complete file just made.
+    fn remove_stale_part(&self, url: &str) {
+        if let StateRecord::Valid(s) = self.dir.state(&self.part) {
+            if s.belongs_to(url) {
+                self.dir.remove(&self.part);
+            }
+        }
+    }
 }
 
 /// `--limit-rate`: one token bucket for the whole run, with at most a tenth of a second of
@@ -294,7 +352,7 @@ impl RateLimit {
 pub fn fetch(ctx: &Context, entry: &Entry) -> Record {
     let started = Instant::now();
     let mut record = Record::new(entry.line, &entry.urls[0]);
-    let result = run(ctx, entry, &mut record, started);
+    let result = run(ctx, entry, &mut record);
     record.elapsed = started.elapsed();
     match result {
         Ok(outcome) => record.outcome = outcome,
@@ -327,17 +385,38 @@ fn entry_dir(ctx: &Context, entry: &Entry) -> Result<Option<Dir>, Failure> {
     Ok(Some(ctx.root.sub(&safe)?))
 }
 
-fn run(
-    ctx: &Context,
-    entry: &Entry,
-    record: &mut Record,
-    started: Instant,
-) -> Result<Outcome, Failure> {
+/// A record for an entry whose download panicked: a bug, reported as a failure rather than
+/// lost.
+pub fn panicked(entry: &Entry, why: &str) -> Record {
+    let mut record = Record::new(entry.line, &entry.urls[0]);
+    record.outcome = Outcome::Failed;
+    record.error = Some(format!(
+        "fetch failed internally (a bug; please report it): {}",
+        crate::shown::redact(why)
+    ));
+    record
+}
+
+fn run(ctx: &Context, entry: &Entry, record: &mut Record) -> Result<Outcome, Failure> {
     let url = &entry.urls[0];
     let sub = entry_dir(ctx, entry)?;
     let dir = sub.as_ref().unwrap_or(&ctx.root);
-    // With --content-disposition, a URL the server named in an earlier run keeps that name.
-    let remembered = (ctx.options.content_disposition && entry.out.is_none())
+    // The same URL on an earlier line: one download. Once it is done, this entry finds the
+    // file complete under whatever name it got (or tries again if it failed).
+    let key = (dir.path(""), entry.out.clone(), url.clone());
+    let _started = loop {
+        match ctx.start(key.clone(), entry.line) {
+            Ok(started) => break started,
+            Err((line, released)) => {
+                record.duplicate_of = Some(line);
+                released.wait();
+            }
+        }
+    };
+    // A URL saved under a number, or under the server's name, keeps that name.
+    let remembered = entry
+        .out
+        .is_none()
         .then(|| ctx.remembered_name(dir, url))
         .flatten();
     let named = match (&entry.out, &remembered) {
@@ -397,10 +476,8 @@ fn run(
         && remembered.is_none()
         && claim.state.is_none();
 
-    let deadline = ctx
-        .options
-        .file_timeout
-        .map(|limit| (started + limit, limit));
+    // --timeout runs from the first request: waiting for a --per-host slot is not the file's.
+    let mut deadline = None;
     let mut dead = vec![false; entry.urls.len()];
     let mut mirror = 0;
     let mut retries_left = ctx.options.retries;
@@ -415,6 +492,12 @@ fn run(
         let rename = may_rename && claim.state.is_none();
         let result = {
             let _slot = ctx.host_slot(attempt_url);
+            if deadline.is_none() {
+                deadline = ctx
+                    .options
+                    .file_timeout
+                    .map(|limit| (Instant::now() + limit, limit));
+            }
             attempt(
                 ctx,
                 entry,
@@ -616,21 +699,14 @@ fn attempt<'a>(
                     Shown(url)
                 ));
             }
-            let state = State {
-                url: entry.urls[0].clone(),
-                etag: answer.etag.map(str::to_string),
-                last_modified: answer.last_modified.map(str::to_string),
-                length,
-                complete: false,
-                url_hash: None,
-            };
+            let state = State::new(&entry.urls[0], answer.etag, answer.last_modified, length);
             let hashing = Hashing(entry.sha256.map(|_| digest::Context::new(&digest::SHA256)));
             if length.is_some_and(|l| l <= SMALL_BODY) {
                 return receive_small(ctx, entry, claim, rsp, state, hashing, record);
             }
-            let mut file = claim.dir.create_file(&claim.part)?;
-            claim.dir.set_state(&file, &claim.part, &state)?;
+            let mut file = claim.dir.create_with_state(&claim.part, &state)?;
             claim.state = Some(state);
+            remember_numbered(ctx, claim, url)?;
             let hashing = receive(ctx, claim, &mut file, rsp, length, hashing, deadline)?;
             finish(entry, claim, hashing, record)
         }
@@ -648,7 +724,7 @@ fn rename_claim<'a>(
     if offered.name == claim.name {
         return Ok(());
     }
-    let renamed = match ctx.claim(claim.dir, &offered.name, url, line) {
+    let mut renamed = match ctx.claim(claim.dir, &offered.name, url, line) {
         Ok(c) => c,
         Err(NotClaimed::Failed(f)) => return Err(f),
         Err(NotClaimed::Duplicate { .. }) => {
@@ -664,8 +740,19 @@ fn rename_claim<'a>(
             Shown(&renamed.name)
         ));
     }
-    renamed.dir.remember_name(url, &renamed.name)?;
+    ctx.remember_name(renamed.dir, url, &renamed.name)?;
+    // Remembered already: the number is part of the name the server gave.
+    renamed.numbered = false;
     *claim = renamed;
+    Ok(())
+}
+
+/// A download given a numbered name keeps it in later runs, whatever the order of the list.
+fn remember_numbered(ctx: &Context, claim: &mut Claim<'_>, url: &str) -> Result<(), Failure> {
+    if claim.numbered {
+        claim.numbered = false;
+        ctx.remember_name(claim.dir, url, &claim.name)?;
+    }
     Ok(())
 }
 
@@ -698,16 +785,17 @@ fn receive_small(
     if let Some(want) = &entry.sha256 {
         record.sha256 = Some(check_digest(hashing, want)?);
     }
-    if !claim.dir.link_new(&claim.name, &body, &state)? {
-        let mut file = claim.dir.create_file(&claim.part)?;
+    if claim.dir.link_new(&claim.name, &body, &state)? {
+        claim.remove_stale_part(&entry.urls[0]);
+    } else {
+        let mut file = claim.dir.create_with_state(&claim.part, &state)?;
         file.write_all(&body)
             .map_err(disk("writing", &claim.dir.path(&claim.part)))?;
-        claim.dir.set_state(&file, &claim.part, &state)?;
         drop(file);
         claim.dir.rename(&claim.part, &claim.name)?;
     }
     claim.state = Some(state);
-    Ok(())
+    remember_numbered(ctx, claim, &entry.urls[0])
 }
 
 /// A disk failure on `path`, for `map_err`.

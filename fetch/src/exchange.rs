@@ -50,6 +50,9 @@ pub enum Failure {
     File(#[from] crate::files::FileError),
     #[error("name clash: {0}")]
     NameClash(String),
+    /// Our own request cannot be sent: final for the file.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("stopped by a signal; the partial file is kept for the next run")]
     Interrupted,
 }
@@ -115,6 +118,10 @@ impl Failure {
                     ))
                 }
                 ureq::Error::Timeout(t) => Failure::Timeout(t.to_string()),
+                // A body that breaks HTTP (a bad chunk) breaks it again on the next try.
+                e @ (ureq::Error::Protocol(_) | ureq::Error::Http(_)) => {
+                    Failure::Protocol(format!("a malformed answer: {e}"))
+                }
                 other => Failure::Network(other.to_string()),
             };
         }
@@ -169,6 +176,27 @@ pub fn resolve_location(base: &str, location: &str) -> Result<String, Failure> {
     Ok(next.into())
 }
 
+/// Scheme, host and port: where credentials may go.
+fn origin(url: &str) -> Option<(String, String, Option<u16>)> {
+    let u = url::Url::parse(url).ok()?;
+    Some((
+        u.scheme().to_string(),
+        u.host_str()?.to_ascii_lowercase(),
+        u.port_or_known_default(),
+    ))
+}
+
+/// Headers that carry credentials: sent only to the origin of the URL in the list, never
+/// to another host a redirect names (as curl does).
+fn is_credential(name: &str) -> bool {
+    ["authorization", "cookie", "proxy-authorization"]
+        .iter()
+        .any(|c| name.eq_ignore_ascii_case(c))
+}
+
+/// The longest request head fetch sends (the HTTP client's output buffer).
+pub const MAX_REQUEST_HEAD: usize = corokit_common::http::OUTPUT_BUFFER;
+
 /// GETs `url` as `ask` says, following redirects; the final answer and its URL.
 pub fn get(
     ctx: &Context,
@@ -178,8 +206,10 @@ pub fn get(
 ) -> Result<(Response<Body>, String), Failure> {
     let mut current = url.to_string();
     let mut seen: Vec<String> = Vec::new();
+    let home = origin(url);
     loop {
-        let rsp = send(ctx, &current, ask, deadline)?;
+        let credentials = origin(&current) == home;
+        let rsp = send(ctx, &current, ask, deadline, credentials)?;
         let status = rsp.status().as_u16();
         if !matches!(status, 301 | 302 | 303 | 307 | 308) {
             return Ok((rsp, current));
@@ -224,11 +254,31 @@ fn send(
     url: &str,
     ask: &Ask,
     deadline: Option<(Instant, Duration)>,
+    credentials: bool,
 ) -> Result<Response<Body>, Failure> {
+    let headers: Vec<&(String, String)> = ctx
+        .options
+        .headers
+        .iter()
+        .filter(|(name, _)| credentials || !is_credential(name))
+        .collect();
+    // The request line, Host, our headers and the user's, with room for ureq's own.
+    let head = url.len()
+        + 256
+        + headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 4)
+            .sum::<usize>();
+    if head > MAX_REQUEST_HEAD {
+        return Err(Failure::TooLarge(format!(
+            "the request would be about {head} bytes (the URL and -H headers), more than the {} KiB fetch sends",
+            MAX_REQUEST_HEAD / 1024
+        )));
+    }
     let mut resent = false;
     loop {
         let mut req = ctx.agent.get(url).header("Accept-Encoding", "identity");
-        for (name, value) in &ctx.options.headers {
+        for (name, value) in &headers {
             req = req.header(name.as_str(), value.as_str());
         }
         if let Ask::From { offset, validator } = ask {

@@ -5,9 +5,13 @@
 //! that stands where fetch would write is a named error for that download, never a write.
 //! Subdirectories (`dir=`) are created and entered one component at a time the same way.
 //!
+//! A file fetch writes, truncates or appends to must have one link: a hard link planted at a
+//! name fetch uses would carry the write to the file it shares. Truncation happens only
+//! after that check.
+//!
 //! The resume state lives in the extended attribute `user.corokit.fetch` of the file it
 //! describes, read and written through the open file; where the filesystem has no user
-//! xattrs it goes to a hidden sidecar `.NAME.fetch`.
+//! xattrs (and only there) it goes to a hidden sidecar `.NAME.fetch`, renamed with its file.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -30,6 +34,8 @@ const NAMES: &str = ".fetch-names";
 pub enum FileError {
     #[error("{0} is a symbolic link or not a regular file; fetch does not write through it")]
     NotAFile(PathBuf),
+    #[error("{0} has other hard links; fetch does not write through it")]
+    Linked(PathBuf),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -54,15 +60,28 @@ pub enum Kind {
 pub struct Dir {
     fd: OwnedFd,
     path: PathBuf,
+    /// The filesystem has no user xattrs: states live in sidecar files.
+    sidecars: bool,
+}
+
+/// True where the filesystem of `fd` cannot hold user xattrs.
+fn needs_sidecars(fd: &OwnedFd) -> bool {
+    match rustix::fs::fgetxattr(fd, XATTR, &mut [0u8; 0][..]) {
+        Err(e) => unsupported(e),
+        Ok(_) => false,
+    }
 }
 
 fn io_err(e: Errno) -> io::Error {
     io::Error::from(e)
 }
 
-/// Opens `name` in `dir`, refusing links and special files.
+/// Opens `name` in `dir`, refusing links and special files, and, to write, files with other
+/// hard links (truncating only once that is checked).
 fn open_in(dir: &Dir, name: &str, flags: OFlags, what: &'static str) -> Result<File, FileError> {
-    let flags = flags | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let truncate = flags.contains(OFlags::TRUNC);
+    let writes = flags.intersects(OFlags::WRONLY | OFlags::RDWR);
+    let flags = (flags - OFlags::TRUNC) | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
     let fd = match rustix::fs::openat(&dir.fd, name, flags, Mode::from_raw_mode(0o666)) {
         Ok(fd) => fd,
         Err(Errno::LOOP) | Err(Errno::NXIO) | Err(Errno::ISDIR) => {
@@ -84,7 +103,18 @@ fn open_in(dir: &Dir, name: &str, flags: OFlags, what: &'static str) -> Result<F
     if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
         return Err(FileError::NotAFile(dir.path(name)));
     }
-    Ok(File::from(fd))
+    if writes && stat.st_nlink != 1 {
+        return Err(FileError::Linked(dir.path(name)));
+    }
+    let file = File::from(fd);
+    if truncate {
+        file.set_len(0).map_err(|source| FileError::Io {
+            what,
+            path: dir.path(name),
+            source,
+        })?;
+    }
+    Ok(file)
 }
 
 impl Dir {
@@ -99,6 +129,7 @@ impl Dir {
         )
         .map_err(io_err)?;
         Ok(Dir {
+            sidecars: needs_sidecars(&fd),
             fd,
             path: path.to_path_buf(),
         })
@@ -114,6 +145,7 @@ impl Dir {
                 source,
             })?,
             path: self.path.clone(),
+            sidecars: self.sidecars,
         };
         for part in rel.components() {
             let Component::Normal(name) = part else {
@@ -142,7 +174,11 @@ impl Dir {
                     })
                 }
             };
-            dir = Dir { fd, path };
+            dir = Dir {
+                sidecars: needs_sidecars(&fd),
+                fd,
+                path,
+            };
         }
         Ok(dir)
     }
@@ -165,15 +201,19 @@ impl Dir {
         }
     }
 
-    /// The recorded state of the regular file `name`: its xattr, else its sidecar.
+    /// The recorded state of the regular file `name`: its xattr, or its sidecar where the
+    /// filesystem has no xattrs (a sidecar anywhere else was not written by fetch).
     pub fn state(&self, name: &str) -> Record {
-        if let Ok(file) = open_in(self, name, OFlags::RDONLY, "reading") {
+        if !self.sidecars {
+            let Ok(file) = open_in(self, name, OFlags::RDONLY, "reading") else {
+                return Record::None;
+            };
             let mut buf = vec![0u8; 4096];
-            match rustix::fs::fgetxattr(&file, XATTR, &mut buf[..]) {
-                Ok(n) => return resume::parse(&buf[..n]),
-                Err(e) if e == Errno::NODATA || unsupported(e) => {}
-                Err(_) => return Record::Unreadable,
-            }
+            return match rustix::fs::fgetxattr(&file, XATTR, &mut buf[..]) {
+                Ok(n) => resume::parse(&buf[..n]),
+                Err(Errno::NODATA) => Record::None,
+                Err(_) => Record::Unreadable,
+            };
         }
         match open_in(self, &sidecar(name), OFlags::RDONLY, "reading") {
             Ok(file) => {
@@ -217,6 +257,57 @@ impl Dir {
         }
     }
 
+    /// Creates `name` (replacing what fetch had there) with `state` recorded from the first
+    /// moment: an unnamed file gets its state and is then linked in, so no crash leaves a
+    /// file without one. Where that cannot be done, the file is created, then given its
+    /// state, and removed again if that fails.
+    pub fn create_with_state(&self, name: &str, state: &State) -> Result<File, FileError> {
+        if !self.sidecars {
+            if let Some(file) = self.unnamed_with_state(name, state)? {
+                return Ok(file);
+            }
+        }
+        let file = self.create_file(name)?;
+        if let Err(e) = self.set_state(&file, name, state) {
+            self.remove(name);
+            return Err(e);
+        }
+        Ok(file)
+    }
+
+    fn unnamed_with_state(&self, name: &str, state: &State) -> Result<Option<File>, FileError> {
+        let flags = OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC;
+        let Ok(fd) = rustix::fs::openat(&self.fd, ".", flags, Mode::from_raw_mode(0o666)) else {
+            return Ok(None);
+        };
+        let file = File::from(fd);
+        rustix::fs::fsetxattr(&file, XATTR, &resume::encode(state), XattrFlags::empty()).map_err(
+            |e| FileError::Io {
+                what: "recording the state of",
+                path: self.path(name),
+                source: io_err(e),
+            },
+        )?;
+        let unnamed = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
+        let link = || {
+            rustix::fs::linkat(
+                CWD,
+                unnamed.as_str(),
+                &self.fd,
+                name,
+                AtFlags::SYMLINK_FOLLOW,
+            )
+        };
+        match link() {
+            Ok(()) => return Ok(Some(file)),
+            Err(Errno::EXIST) if matches!(self.kind(name), Ok(Kind::File { .. })) => {}
+            Err(_) => return Ok(None),
+        }
+        // What stood there is fetch's own (the caller claimed it): replaced.
+        let _ = rustix::fs::unlinkat(&self.fd, name, AtFlags::empty());
+        Ok(link().is_ok().then_some(file))
+    }
+
     /// Creates (or truncates) `name` for writing.
     pub fn create_file(&self, name: &str) -> Result<File, FileError> {
         open_in(
@@ -237,19 +328,31 @@ impl Dir {
         open_in(self, name, OFlags::RDONLY, "reading")
     }
 
-    /// Renames `from` to `to` in this directory (neither followed if a link).
+    /// Renames `from` to `to` in this directory (neither followed if a link), with its
+    /// sidecar where states live in sidecars.
     pub fn rename(&self, from: &str, to: &str) -> Result<(), FileError> {
         rustix::fs::renameat(&self.fd, from, &self.fd, to).map_err(|e| FileError::Io {
             what: "renaming",
             path: self.path(from),
             source: io_err(e),
-        })
+        })?;
+        if self.sidecars {
+            let _ = rustix::fs::renameat(
+                &self.fd,
+                sidecar(from).as_str(),
+                &self.fd,
+                sidecar(to).as_str(),
+            );
+        }
+        Ok(())
     }
 
-    /// Removes `name` and its sidecar if there is one.
+    /// Removes `name`, and its sidecar where states live in sidecars.
     pub fn remove(&self, name: &str) {
         let _ = rustix::fs::unlinkat(&self.fd, name, AtFlags::empty());
-        let _ = rustix::fs::unlinkat(&self.fd, sidecar(name).as_str(), AtFlags::empty());
+        if self.sidecars {
+            let _ = rustix::fs::unlinkat(&self.fd, sidecar(name).as_str(), AtFlags::empty());
+        }
     }
 
     /// Puts a whole download, already verified, at `name` with its complete state: an

@@ -93,6 +93,47 @@ pub fn header_arg(arg: &str) -> Result<(String, String), RunError> {
     Ok((name.to_string(), value.to_string()))
 }
 
+/// The `--user-agent` value, checked the way the request will need it.
+pub fn user_agent_arg(value: &str) -> Result<String, RunError> {
+    ureq::http::HeaderValue::from_str(value).map_err(|_| {
+        RunError::Usage(format!(
+            "--user-agent {}: not a valid header value",
+            shown::Shown(value)
+        ))
+    })?;
+    Ok(value.to_string())
+}
+
+/// Open files each download may hold: its connection, an idle one kept for reuse, and its
+/// file.
+const FILES_PER_JOB: u64 = 3;
+/// Open files left for everything else (the list, the report, DNS, idle connections).
+const FILES_SPARE: u64 = 64;
+
+/// Raises the open-files limit as far as allowed and checks that `jobs` downloads fit in it.
+pub fn check_open_files(jobs: usize) -> Result<(), RunError> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if let (Some(cur), Some(max)) = (limit.current, limit.maximum) {
+        if cur < max {
+            limit.current = Some(max);
+            let _ = setrlimit(Resource::Nofile, limit);
+        }
+    }
+    let Some(cur) = getrlimit(Resource::Nofile).current else {
+        return Ok(());
+    };
+    let needs = jobs as u64 * FILES_PER_JOB + FILES_SPARE;
+    if needs > cur {
+        let fits = cur.saturating_sub(FILES_SPARE) / FILES_PER_JOB;
+        return Err(RunError::Usage(format!(
+            "-j {jobs} needs about {needs} open files, and this process may have {cur} \
+             (ulimit -n); use -j {fits} or less, or raise the limit"
+        )));
+    }
+    Ok(())
+}
+
 /// Memory maps each download coroutine takes: its stack and the guard page below it.
 const MAPS_PER_JOB: u64 = 2;
 /// Memory maps left for everything else (libraries, heap arenas, threads, buffers).
@@ -168,7 +209,19 @@ pub fn run(mut options: Options, list: Lines, shutdown: Shutdown) -> Result<Summ
                 free.post();
                 let now = active.fetch_add(1, Ordering::Relaxed) + 1;
                 ctx.reporter.set_active(now);
-                let record = download::fetch(&ctx, &entry);
+                // A panic is a bug; it fails its entry (and the run's exit status) instead of
+                // making the entry vanish with its worker.
+                let fetched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    download::fetch(&ctx, &entry)
+                }));
+                let record = fetched.unwrap_or_else(|panic| {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    download::panicked(&entry, &why)
+                });
                 ctx.reporter.finished(&record);
                 let now = active.fetch_sub(1, Ordering::Relaxed) - 1;
                 ctx.reporter.set_active(now);

@@ -129,6 +129,7 @@ fn options(args: &Args) -> anyhow::Result<Options> {
         o.headers.push(corokit_fetch::header_arg(h)?);
     }
     corokit_fetch::check_jobs(o.jobs)?;
+    corokit_fetch::check_open_files(o.jobs)?;
     o.http.connect_timeout = seconds("connect-timeout", args.connect_timeout)?;
     o.http.read_timeout = Some(seconds("read-timeout", args.read_timeout)?);
     o.max_redirects = args.max_redirects;
@@ -136,7 +137,7 @@ fn options(args: &Args) -> anyhow::Result<Options> {
     o.http.max_idle = o.jobs.max(16);
     o.http.max_idle_per_host = o.jobs.max(16);
     if let Some(ua) = &args.user_agent {
-        o.http.user_agent = ua.clone();
+        o.http.user_agent = corokit_fetch::user_agent_arg(ua)?;
     }
     if let Some(ca) = &args.ca_cert {
         o.http.add_roots_from_pem_file(ca)?;

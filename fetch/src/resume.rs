@@ -17,9 +17,15 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Longest URL or validator kept in a state: the whole state must fit one extended attribute
+/// (about 4 KiB on ext4). A longer URL is kept by its hash; a longer validator is not kept,
+/// so that download cannot be resumed.
+pub const MAX_STORED: usize = 1024;
+
 /// The recorded state of one download.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub url: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etag: Option<String>,
@@ -29,12 +35,32 @@ pub struct State {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub length: Option<u64>,
     pub complete: bool,
-    /// What the short form of a complete file keeps instead of `url`.
-    #[serde(skip)]
+    /// What a state keeps instead of `url` when the URL is long, and the short form of a
+    /// complete file always.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_hash: Option<String>,
 }
 
 impl State {
+    /// The state of a new download of `url`, whose answer gave these validators and length.
+    pub fn new(
+        url: &str,
+        etag: Option<&str>,
+        last_modified: Option<&str>,
+        length: Option<u64>,
+    ) -> State {
+        let kept = |v: Option<&str>| v.filter(|v| v.len() <= MAX_STORED).map(str::to_string);
+        let long = url.len() > MAX_STORED;
+        State {
+            url: if long { String::new() } else { url.to_string() },
+            url_hash: long.then(|| url_hash(url)),
+            etag: kept(etag),
+            last_modified: kept(last_modified),
+            length,
+            complete: false,
+        }
+    }
+
     /// True if this is the state of a download of `url`.
     pub fn belongs_to(&self, url: &str) -> bool {
         match &self.url_hash {
@@ -58,7 +84,7 @@ impl State {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
     None,
-    /// Present but not valid (torn by a crash, or edited): fetch's, but unusable.
+    /// Present but not valid (torn, edited or planted): not taken as fetch's.
     Unreadable,
     Valid(State),
 }

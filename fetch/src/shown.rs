@@ -24,7 +24,9 @@ impl fmt::Display for Shown<'_> {
     }
 }
 
-/// `text` with the password of every URL in it replaced by `***` (`http://ann:***@host/`).
+/// `text` with the credentials of every URL in it replaced by `***`: the password
+/// (`http://ann:***@host/`), or the whole user part when it has no password, since that is
+/// how tokens are given (`https://***@git.example/`).
 pub fn redact(text: &str) -> Cow<'_, str> {
     if !text.contains('@') {
         return Cow::Borrowed(text);
@@ -35,16 +37,18 @@ pub fn redact(text: &str) -> Cow<'_, str> {
         let (head, tail) = rest.split_at(at + 3);
         out.push_str(head);
         let end = tail
-            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace() || c == '"')
+            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace())
             .unwrap_or(tail.len());
         let authority = &tail[..end];
         match authority.rfind('@') {
             Some(i) => {
                 let userinfo = &authority[..i];
-                let user = userinfo.split(':').next().unwrap_or("");
-                out.push_str(user);
-                if userinfo.contains(':') {
-                    out.push_str(":***");
+                match userinfo.split_once(':') {
+                    Some((user, _)) => {
+                        out.push_str(user);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str("***"),
                 }
                 out.push_str(&authority[i..]);
             }
@@ -70,7 +74,11 @@ mod tests {
             redact("error for https://bob:pw@a/x and http://c:d@e"),
             "error for https://bob:***@a/x and http://c:***@e"
         );
-        assert_eq!(redact("http://tok@h/"), "http://tok@h/");
+        assert_eq!(redact("http://tok@h/"), "http://***@h/");
+        assert_eq!(
+            redact("skipped line 1: \"http://ann:pa\"ss1@127.0.0.1/f\""),
+            "skipped line 1: \"http://ann:***@127.0.0.1/f\""
+        );
         assert_eq!(redact("mail me@example.org"), "mail me@example.org");
         let shown = Shown("http://u:p@h/\u{9b}\u{202e}x").to_string();
         assert_eq!(shown, "\"http://u:***@h/\\u{9b}\\u{202e}x\"");

@@ -42,10 +42,18 @@ struct Claimant {
     released: Arc<SyncFlag>,
 }
 
-/// A download under way, by what makes two lines one download: the directory, the `out=`
-/// name and the URL. A later line with the same key waits for it (whatever names the
-/// server gives meanwhile).
-type Underway = (PathBuf, Option<String>, String);
+/// What makes two lines one download: the directory, the `out=` name and the URL. A later
+/// line with the same key waits for the first (whatever names the server gives meanwhile).
+type UnderwayKey = (PathBuf, Option<String>, String);
+
+/// A download under way, as the lines waiting for it see it.
+struct Underway {
+    line: usize,
+    done: SyncFlag,
+    /// How it failed, once it has: the lines waiting fail the same way, without trying
+    /// again what it tried.
+    failure: Mutex<Option<String>>,
+}
 
 /// What every download shares.
 pub struct Context {
@@ -55,7 +63,7 @@ pub struct Context {
     pub shutdown: corokit_common::Shutdown,
     root: Dir,
     claims: Mutex<HashMap<PathBuf, Claimant>>,
-    underway: Mutex<HashMap<Underway, (usize, Arc<SyncFlag>)>>,
+    underway: Mutex<HashMap<UnderwayKey, Arc<Underway>>>,
     /// Names URLs were saved under when not their own (numbered, or named by the server),
     /// per directory: `.fetch-names`, loaded once and kept up to date.
     names: Mutex<HashMap<PathBuf, HashMap<String, String>>>,
@@ -150,25 +158,30 @@ impl Context {
         Ok(())
     }
 
-    /// Marks a download under way, or says which line has it.
-    fn start(&self, key: Underway, line: usize) -> Result<Started<'_>, (usize, Arc<SyncFlag>)> {
+    /// Marks a download under way, or gives the one that is.
+    fn start(&self, key: UnderwayKey, line: usize) -> Result<Started<'_>, Arc<Underway>> {
         let mut underway = self.underway.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((first, released)) = underway.get(&key) {
-            return Err((*first, released.clone()));
+        if let Some(first) = underway.get(&key) {
+            return Err(first.clone());
         }
-        let released = Arc::new(SyncFlag::new());
-        underway.insert(key.clone(), (line, released.clone()));
+        let mark = Arc::new(Underway {
+            line,
+            done: SyncFlag::new(),
+            failure: Mutex::new(None),
+        });
+        underway.insert(key.clone(), mark.clone());
         Ok(Started {
             ctx: self,
             key,
-            released,
+            mark,
         })
     }
 
-    /// Claims a name in `dir` for `url`: the first of `name`, `name.1`, … that is free or
-    /// already this URL's (from an earlier run). Regular files that belong to another URL,
-    /// or that fetch did not write, are never touched; a link or special file where fetch
-    /// would write is an error.
+    /// Claims a name in `dir` for `url`: the first of `name`, `name.1`, … whose final and
+    /// partial names are both free or this URL's (from an earlier run), and that no other
+    /// download of this run uses as either. Regular files that belong to another URL, or
+    /// that fetch did not write, are never touched; a link or special file where fetch would
+    /// write is an error.
     fn claim<'a>(
         &'a self,
         dir: &'a Dir,
@@ -185,7 +198,10 @@ impl Context {
                 naming::numbered(name, n)
             };
             let path = dir.path(&candidate);
-            if let Some(owner) = claims.get(&path) {
+            let part = part_name(&candidate);
+            let part_path = dir.path(&part);
+            // A name this run uses, final or partial, is its download's.
+            if let Some(owner) = claims.get(&path).or_else(|| claims.get(&part_path)) {
                 if owner.url == url {
                     return Err(NotClaimed::Duplicate {
                         line: owner.line,
@@ -194,7 +210,6 @@ impl Context {
                 }
                 continue;
             }
-            let part = part_name(&candidate);
             let kinds = (dir.kind(&candidate), dir.kind(&part));
             let (done_kind, part_kind) = match kinds {
                 (Ok(d), Ok(p)) => (d, p),
@@ -211,42 +226,41 @@ impl Context {
                     return Err(failed(Failure::File(FileError::NotAFile(dir.path(at)))));
                 }
             }
-            let (ours, state) = if done_kind == Kind::Missing && part_kind == Kind::Missing {
-                (true, None)
-            } else {
-                // A download in progress (even over an older complete copy) is the partial
-                // file's state; else the complete file's.
-                let record = match dir.state(&part) {
-                    StateRecord::None => dir.state(&candidate),
-                    other => other,
-                };
-                match record {
-                    StateRecord::Valid(s) if s.belongs_to(url) => (true, Some(s)),
-                    // Another URL's, a file fetch did not write, or a state nobody can read
-                    // (which anyone could have planted): not touched.
-                    _ => (false, None),
-                }
+            // The name is this URL's only if every file there is: another URL's, a file fetch
+            // did not write, or a state nobody can read (which anyone could have planted) is
+            // never touched.
+            let own = |name: &str, kind: Kind| match kind {
+                Kind::Missing => Some(None),
+                _ => match dir.state(name) {
+                    StateRecord::Valid(s) if s.belongs_to(url) => Some(Some(s)),
+                    _ => None,
+                },
             };
-            if ours {
-                let released = Arc::new(SyncFlag::new());
-                claims.insert(
-                    path,
-                    Claimant {
-                        url: url.to_string(),
-                        line,
-                        released: released.clone(),
-                    },
-                );
-                return Ok(Claim {
-                    ctx: self,
-                    dir,
-                    numbered: n > 0,
-                    name: candidate,
-                    part,
-                    state,
-                    released,
-                });
-            }
+            let (Some(done_state), Some(part_state)) =
+                (own(&candidate, done_kind), own(&part, part_kind))
+            else {
+                continue;
+            };
+            // A download in progress (even over an older complete copy) goes by the partial
+            // file's state; else the complete file's.
+            let state = part_state.or(done_state);
+            let released = Arc::new(SyncFlag::new());
+            let claimant = || Claimant {
+                url: url.to_string(),
+                line,
+                released: released.clone(),
+            };
+            claims.insert(path, claimant());
+            claims.insert(part_path, claimant());
+            return Ok(Claim {
+                ctx: self,
+                dir,
+                numbered: n > 0,
+                name: candidate,
+                part,
+                state,
+                released,
+            });
         }
         Err(failed(Failure::NameClash(format!(
             "no free name like {} in {}",
@@ -263,15 +277,26 @@ fn part_name(name: &str) -> String {
 /// A download marked under way; the mark goes (and waiting lines wake) when it is dropped.
 struct Started<'a> {
     ctx: &'a Context,
-    key: Underway,
-    released: Arc<SyncFlag>,
+    key: UnderwayKey,
+    mark: Arc<Underway>,
+}
+
+impl Started<'_> {
+    /// Records how the download ended, for the lines waiting for it.
+    fn ended(&self, result: &Result<Outcome, Failure>) {
+        if let Err(f) = result {
+            if !matches!(f, Failure::Interrupted) {
+                *self.mark.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(f.to_string());
+            }
+        }
+    }
 }
 
 impl Drop for Started<'_> {
     fn drop(&mut self) {
         let mut underway = self.ctx.underway.lock().unwrap_or_else(|e| e.into_inner());
         underway.remove(&self.key);
-        self.released.fire();
+        self.mark.done.fire();
     }
 }
 
@@ -291,6 +316,7 @@ impl Drop for Claim<'_> {
     fn drop(&mut self) {
         let mut claims = self.ctx.claims.lock().unwrap_or_else(|e| e.into_inner());
         claims.remove(&self.dir.path(&self.name));
+        claims.remove(&self.dir.path(&self.part));
         self.released.fire();
     }
 }
@@ -398,21 +424,44 @@ pub fn panicked(entry: &Entry, why: &str) -> Record {
 }
 
 fn run(ctx: &Context, entry: &Entry, record: &mut Record) -> Result<Outcome, Failure> {
-    let url = &entry.urls[0];
     let sub = entry_dir(ctx, entry)?;
     let dir = sub.as_ref().unwrap_or(&ctx.root);
     // The same URL on an earlier line: one download. Once it is done, this entry finds the
-    // file complete under whatever name it got (or tries again if it failed).
-    let key = (dir.path(""), entry.out.clone(), url.clone());
-    let _started = loop {
+    // file complete under whatever name it got, or fails as it did.
+    let key = (dir.path(""), entry.out.clone(), entry.urls[0].clone());
+    let started = loop {
         match ctx.start(key.clone(), entry.line) {
             Ok(started) => break started,
-            Err((line, released)) => {
-                record.duplicate_of = Some(line);
-                released.wait();
+            Err(first) => {
+                record.duplicate_of = Some(first.line);
+                first.done.wait();
+                let failure = first
+                    .failure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if let Some(error) = failure {
+                    return Err(Failure::AsLine {
+                        line: first.line,
+                        error,
+                    });
+                }
             }
         }
     };
+    let result = run_started(ctx, entry, record, dir);
+    started.ended(&result);
+    result
+}
+
+/// [`run`] once no earlier line is downloading the same file.
+fn run_started(
+    ctx: &Context,
+    entry: &Entry,
+    record: &mut Record,
+    dir: &Dir,
+) -> Result<Outcome, Failure> {
+    let url = &entry.urls[0];
     // A URL saved under a number, or under the server's name, keeps that name.
     let remembered = entry
         .out
@@ -663,12 +712,12 @@ fn attempt<'a>(
         Decision::Refuse(why) => Err(Failure::Refused(why)),
         Decision::StartOver(why) => Err(Failure::StartOver(why)),
         Decision::Complete => {
-            let mut hashing = Hashing(None);
-            if let Some(want) = &entry.sha256 {
-                hashing = Hashing(Some(hash_file(claim.dir, &claim.part)?));
-                let _ = want;
-            }
-            finish(entry, claim, hashing, record)
+            let file = claim.dir.open(&claim.part)?;
+            let hashing = match entry.sha256 {
+                Some(_) => Hashing(Some(hash_file(claim.dir, &claim.part)?)),
+                None => Hashing(None),
+            };
+            finish(entry, claim, file, hashing, record)
         }
         Decision::Append { offset, length, .. } => {
             let mut file = claim.dir.append(&claim.part)?;
@@ -683,14 +732,14 @@ fn attempt<'a>(
                 None => Hashing(None),
             };
             let hashing = receive(ctx, claim, &mut file, rsp, Some(length), hashing, deadline)?;
-            finish(entry, claim, hashing, record)
+            finish(entry, claim, file, hashing, record)
         }
         Decision::Whole { length } => {
             if may_rename {
                 if let Some(offered) =
                     header(&rsp, "Content-Disposition").and_then(naming::from_content_disposition)
                 {
-                    rename_claim(ctx, claim, &offered, url, entry.line)?;
+                    rename_claim(ctx, claim, &offered, &entry.urls[0], entry.line)?;
                 }
             }
             if answer.status == 200 && matches!(ask, Ask::From { .. }) {
@@ -706,9 +755,9 @@ fn attempt<'a>(
             }
             let mut file = claim.dir.create_with_state(&claim.part, &state)?;
             claim.state = Some(state);
-            remember_numbered(ctx, claim, url)?;
+            remember_numbered(ctx, claim, &entry.urls[0])?;
             let hashing = receive(ctx, claim, &mut file, rsp, length, hashing, deadline)?;
-            finish(entry, claim, hashing, record)
+            finish(entry, claim, file, hashing, record)
         }
     }
 }
@@ -791,8 +840,7 @@ fn receive_small(
         let mut file = claim.dir.create_with_state(&claim.part, &state)?;
         file.write_all(&body)
             .map_err(disk("writing", &claim.dir.path(&claim.part)))?;
-        drop(file);
-        claim.dir.rename(&claim.part, &claim.name)?;
+        claim.dir.rename_file(&file, &claim.part, &claim.name)?;
     }
     claim.state = Some(state);
     remember_numbered(ctx, claim, &entry.urls[0])
@@ -876,15 +924,16 @@ fn receive(
     Ok(hashing)
 }
 
-/// Checks length and checksum, records the complete state on `.part` and renames it to the
-/// final name, so the file under that name always has its complete state.
+/// Checks length and checksum of `file` (the `.part` written), records the complete state
+/// on it and renames it to the final name, so the file under that name always has its
+/// complete state, and is the file whose bytes were checked.
 fn finish(
     entry: &Entry,
     claim: &mut Claim<'_>,
+    file: File,
     hashing: Hashing,
     record: &mut Record,
 ) -> Result<(), Failure> {
-    let file = claim.dir.open(&claim.part)?;
     let size = file
         .metadata()
         .map_err(disk("reading", &claim.dir.path(&claim.part)))?
@@ -903,8 +952,7 @@ fn finish(
     state.complete = true;
     state.length = Some(size);
     claim.dir.set_state(&file, &claim.part, &state)?;
-    drop(file);
-    claim.dir.rename(&claim.part, &claim.name)?;
+    claim.dir.rename_file(&file, &claim.part, &claim.name)?;
     claim.state = Some(state);
     Ok(())
 }

@@ -50,9 +50,12 @@ pub enum Failure {
     File(#[from] crate::files::FileError),
     #[error("name clash: {0}")]
     NameClash(String),
-    /// Our own request cannot be sent: final for the file.
+    /// A request too large to send: final for this server (a mirror may do with less).
     #[error("{0}")]
     TooLarge(String),
+    /// The same download on an earlier line failed.
+    #[error("{error} (as line {line}, the same download)")]
+    AsLine { line: usize, error: String },
     #[error("stopped by a signal; the partial file is kept for the next run")]
     Interrupted,
 }
@@ -79,6 +82,7 @@ impl Failure {
                 | Failure::Protocol(_)
                 | Failure::Refused(_)
                 | Failure::Checksum { .. }
+                | Failure::TooLarge(_)
         ) && !self.retryable()
     }
 
@@ -186,14 +190,6 @@ fn origin(url: &str) -> Option<(String, String, Option<u16>)> {
     ))
 }
 
-/// Headers that carry credentials: sent only to the origin of the URL in the list, never
-/// to another host a redirect names (as curl does).
-fn is_credential(name: &str) -> bool {
-    ["authorization", "cookie", "proxy-authorization"]
-        .iter()
-        .any(|c| name.eq_ignore_ascii_case(c))
-}
-
 /// The longest request head fetch sends (the HTTP client's output buffer).
 pub const MAX_REQUEST_HEAD: usize = corokit_common::http::OUTPUT_BUFFER;
 
@@ -208,8 +204,10 @@ pub fn get(
     let mut seen: Vec<String> = Vec::new();
     let home = origin(url);
     loop {
-        let credentials = origin(&current) == home;
-        let rsp = send(ctx, &current, ask, deadline, credentials)?;
+        // The user's headers (tokens, API keys, cookies) go only to the origin of the URL in
+        // the list, never to another host a redirect names.
+        let own_headers = origin(&current) == home;
+        let rsp = send(ctx, &current, ask, deadline, own_headers)?;
         let status = rsp.status().as_u16();
         if !matches!(status, 301 | 302 | 303 | 307 | 308) {
             return Ok((rsp, current));
@@ -254,14 +252,12 @@ fn send(
     url: &str,
     ask: &Ask,
     deadline: Option<(Instant, Duration)>,
-    credentials: bool,
+    own_headers: bool,
 ) -> Result<Response<Body>, Failure> {
-    let headers: Vec<&(String, String)> = ctx
-        .options
-        .headers
-        .iter()
-        .filter(|(name, _)| credentials || !is_credential(name))
-        .collect();
+    let headers: &[(String, String)] = match own_headers {
+        true => &ctx.options.headers,
+        false => &[],
+    };
     // The request line, Host, our headers and the user's, with room for ureq's own.
     let head = url.len()
         + 256
@@ -271,14 +267,15 @@ fn send(
             .sum::<usize>();
     if head > MAX_REQUEST_HEAD {
         return Err(Failure::TooLarge(format!(
-            "the request would be about {head} bytes (the URL and -H headers), more than the {} KiB fetch sends",
+            "the request for {} would be about {head} bytes, more than the {} KiB fetch sends",
+            Shown(url),
             MAX_REQUEST_HEAD / 1024
         )));
     }
     let mut resent = false;
     loop {
         let mut req = ctx.agent.get(url).header("Accept-Encoding", "identity");
-        for (name, value) in &headers {
+        for (name, value) in headers {
             req = req.header(name.as_str(), value.as_str());
         }
         if let Ask::From { offset, validator } = ask {

@@ -26,8 +26,12 @@ use crate::resume::{self, Record, State};
 
 /// The extended attribute that holds the state.
 const XATTR: &str = "user.corokit.fetch";
-/// The file that maps URLs to the names servers gave them (`--content-disposition`).
+/// The file that maps URLs to the names they were saved under when not their own.
 const NAMES: &str = ".fetch-names";
+/// Most of `.fetch-names` read, and its longest line taken (a hash, a space and a name of
+/// at most 200 bytes fit well within it): the file is the user's to edit, or to plant.
+const NAMES_READ: u64 = 16 << 20;
+const NAMES_LINE: usize = 512;
 
 /// Why a file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +40,8 @@ pub enum FileError {
     NotAFile(PathBuf),
     #[error("{0} has other hard links; fetch does not write through it")]
     Linked(PathBuf),
+    #[error("{0} is not this download's (another program put it there meanwhile); not touched")]
+    Foreign(PathBuf),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -257,11 +263,26 @@ impl Dir {
         }
     }
 
-    /// Creates `name` (replacing what fetch had there) with `state` recorded from the first
-    /// moment: an unnamed file gets its state and is then linked in, so no crash leaves a
-    /// file without one. Where that cannot be done, the file is created, then given its
-    /// state, and removed again if that fails.
+    /// True unless a file stands at `name` that is not a download of the same URL as
+    /// `state`'s: the only file fetch replaces is its own.
+    fn replaceable(&self, name: &str, state: &State) -> bool {
+        match self.kind(name) {
+            Ok(Kind::Missing) => true,
+            Ok(Kind::File { .. }) => {
+                matches!(self.state(name), Record::Valid(s) if s.same_download(state))
+            }
+            _ => false,
+        }
+    }
+
+    /// Creates `name` (replacing only this download's own file there) with `state` recorded
+    /// from the first moment: an unnamed file gets its state and is then linked in, so no
+    /// crash leaves a file without one. Where that cannot be done, the file is created, then
+    /// given its state, and removed again if that fails.
     pub fn create_with_state(&self, name: &str, state: &State) -> Result<File, FileError> {
+        if !self.replaceable(name, state) {
+            return Err(FileError::Foreign(self.path(name)));
+        }
         if !self.sidecars {
             if let Some(file) = self.unnamed_with_state(name, state)? {
                 return Ok(file);
@@ -300,10 +321,11 @@ impl Dir {
         };
         match link() {
             Ok(()) => return Ok(Some(file)),
-            Err(Errno::EXIST) if matches!(self.kind(name), Ok(Kind::File { .. })) => {}
+            Err(Errno::EXIST) if self.replaceable(name, state) => {}
+            Err(Errno::EXIST) => return Err(FileError::Foreign(self.path(name))),
             Err(_) => return Ok(None),
         }
-        // What stood there is fetch's own (the caller claimed it): replaced.
+        // What stood there is this download's own earlier file: replaced.
         let _ = rustix::fs::unlinkat(&self.fd, name, AtFlags::empty());
         Ok(link().is_ok().then_some(file))
     }
@@ -326,6 +348,17 @@ impl Dir {
     /// Opens `name` to read it.
     pub fn open(&self, name: &str) -> Result<File, FileError> {
         open_in(self, name, OFlags::RDONLY, "reading")
+    }
+
+    /// Renames `from`, which must be the open file `file`, to `to`: a file put at `from`
+    /// meanwhile is not renamed in its place.
+    pub fn rename_file(&self, file: &File, from: &str, to: &str) -> Result<(), FileError> {
+        let ours = rustix::fs::fstat(file);
+        let there = rustix::fs::statat(&self.fd, from, AtFlags::SYMLINK_NOFOLLOW);
+        match (ours, there) {
+            (Ok(a), Ok(b)) if a.st_dev == b.st_dev && a.st_ino == b.st_ino => self.rename(from, to),
+            _ => Err(FileError::Foreign(self.path(from))),
+        }
     }
 
     /// Renames `from` to `to` in this directory (neither followed if a link), with its
@@ -399,9 +432,10 @@ impl Dir {
             return HashMap::new();
         };
         // A line that is not UTF-8 (an edited file) is skipped, not the end of the index.
-        BufReader::new(file)
+        BufReader::new(io::Read::take(file, NAMES_READ))
             .split(b'\n')
             .map_while(Result::ok)
+            .filter(|line| line.len() <= NAMES_LINE)
             .filter_map(|line| {
                 let line = String::from_utf8(line).ok()?;
                 let (hash, name) = line.split_once(' ')?;

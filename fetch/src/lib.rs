@@ -93,6 +93,27 @@ pub fn header_arg(arg: &str) -> Result<(String, String), RunError> {
     Ok((name.to_string(), value.to_string()))
 }
 
+/// Room for the user's headers in a request head, which also holds the request line (with
+/// the URL), Host, Range and If-Range.
+const USER_HEADERS: usize = 4 * 1024;
+
+/// Checks that the `-H` headers and the User-Agent leave room for a URL in a request head.
+pub fn check_request_head(headers: &[(String, String)], user_agent: &str) -> Result<(), RunError> {
+    let size: usize = headers
+        .iter()
+        .map(|(n, v)| n.len() + v.len() + 4)
+        .sum::<usize>()
+        + user_agent.len()
+        + 14;
+    if size > USER_HEADERS {
+        return Err(RunError::Usage(format!(
+            "the -H headers and --user-agent come to {size} bytes; at most {} KiB fit in a request with its URL",
+            USER_HEADERS / 1024
+        )));
+    }
+    Ok(())
+}
+
 /// The `--user-agent` value, checked the way the request will need it.
 pub fn user_agent_arg(value: &str) -> Result<String, RunError> {
     ureq::http::HeaderValue::from_str(value).map_err(|_| {
@@ -104,9 +125,9 @@ pub fn user_agent_arg(value: &str) -> Result<String, RunError> {
     Ok(value.to_string())
 }
 
-/// Open files each download may hold: its connection, an idle one kept for reuse, and its
-/// file.
-const FILES_PER_JOB: u64 = 3;
+/// Open files each download may hold: its connection, one left idle by a redirect to another
+/// host, its `dir=` directory, its file, and the file again while a checksum is computed.
+const FILES_PER_JOB: u64 = 5;
 /// Open files left for everything else (the list, the report, DNS, idle connections).
 const FILES_SPARE: u64 = 64;
 

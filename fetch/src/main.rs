@@ -139,6 +139,7 @@ fn options(args: &Args) -> anyhow::Result<Options> {
     if let Some(ua) = &args.user_agent {
         o.http.user_agent = corokit_fetch::user_agent_arg(ua)?;
     }
+    corokit_fetch::check_request_head(&o.headers, &o.http.user_agent)?;
     if let Some(ca) = &args.ca_cert {
         o.http.add_roots_from_pem_file(ca)?;
     }

@@ -117,20 +117,21 @@ pub fn sanitize(name: &str) -> SafeName {
     if reserved {
         out.insert(0, '_');
     }
-    if out.ends_with(".part") || out.ends_with(".fetch") {
-        out.push('_');
-    }
-    if out.len() > 200 {
+    if out.len() > MAX_NAME {
         let ext = out
             .rfind('.')
             .filter(|&i| out.len() - i <= 16)
             .map(|i| out[i..].to_string())
             .unwrap_or_default();
-        let mut cut = 200 - ext.len();
-        while !out.is_char_boundary(cut) {
-            cut -= 1;
+        out = format!("{}{}", cut_to(&out, MAX_NAME - ext.len()), ext);
+        out = out.trim_end_matches(['.', ' ']).to_string();
+    }
+    // After the cut, which can make a name end like our own files.
+    if out.ends_with(".part") || out.ends_with(".fetch") {
+        if out.len() == MAX_NAME {
+            out = cut_to(&out, MAX_NAME - 4).to_string();
         }
-        out = format!("{}{}", &out[..cut], ext);
+        out.push('_');
     }
     SafeName {
         changed: out != name,
@@ -157,12 +158,32 @@ pub fn safe_subdir(dir: &str) -> (std::path::PathBuf, bool) {
     (path, changed)
 }
 
-/// `name` with `.N` before its extension: `f.bin` → `f.1.bin`, `f` → `f.1`.
-pub fn numbered(name: &str, n: u32) -> String {
-    match name.rfind('.') {
-        Some(i) if i > 0 => format!("{}.{}{}", &name[..i], n, &name[i..]),
-        _ => format!("{name}.{n}"),
+/// Longest name fetch gives a file, in bytes.
+pub const MAX_NAME: usize = 200;
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn cut_to(text: &str, max: usize) -> &str {
+    let mut cut = max.min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
     }
+    &text[..cut]
+}
+
+/// `name` (a name [`sanitize`] gave) with `.N` before its extension: `f.bin` → `f.1.bin`,
+/// `f` → `f.1`; the stem is cut so the result stays within [`MAX_NAME`], and is itself a
+/// name `sanitize` leaves alone.
+pub fn numbered(name: &str, n: u32) -> String {
+    // An extension as `sanitize` keeps one: up to 16 bytes.
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 && name.len() - i <= 16 => (&name[..i], &name[i..]),
+        _ => (name, ""),
+    };
+    let suffix = format!(".{n}{ext}");
+    format!(
+        "{}{suffix}",
+        cut_to(stem, MAX_NAME.saturating_sub(suffix.len()))
+    )
 }
 
 #[cfg(test)]
@@ -240,6 +261,39 @@ mod tests {
     #[test]
     fn numbering_keeps_the_extension() {
         assert_eq!(numbered("f.bin", 1), "f.1.bin");
+        // Whatever the name: a given name is stable, within the limit, and never one of
+        // fetch's own (a `.part` of another download), numbered or not.
+        let mut rng = fastrand::Rng::with_seed(5);
+        let pieces = [
+            "a",
+            "é",
+            "語",
+            ".",
+            ".part",
+            ".fetch",
+            " ",
+            "x".repeat(64).leak(),
+            "/",
+            "..",
+            ".tar.gz",
+        ];
+        for _ in 0..20_000 {
+            let raw: String = (0..rng.usize(1..12))
+                .map(|_| *rng.choice(&pieces).unwrap())
+                .collect();
+            let safe = sanitize(&raw).name;
+            for name in [safe.clone(), numbered(&safe, rng.u32(1..10_000))] {
+                assert!(name.len() <= MAX_NAME, "{name:?}");
+                assert!(
+                    !name.ends_with(".part") && !name.ends_with(".fetch"),
+                    "{raw:?} -> {name:?}"
+                );
+                assert!(
+                    !sanitize(&name).changed,
+                    "{raw:?} -> {name:?} is not stable"
+                );
+            }
+        }
         assert_eq!(numbered("f", 2), "f.2");
         assert_eq!(numbered("_bashrc", 1), "_bashrc.1");
     }

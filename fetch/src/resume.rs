@@ -69,6 +69,12 @@ impl State {
         }
     }
 
+    /// True if both are states of a download of the same URL.
+    pub fn same_download(&self, other: &State) -> bool {
+        let key = |s: &State| s.url_hash.clone().unwrap_or_else(|| url_hash(&s.url));
+        key(self) == key(other)
+    }
+
     /// The validator to send in `If-Range`: a strong ETag, else Last-Modified. A weak ETag
     /// cannot be used for ranges (RFC 9110 §13.1.5).
     pub fn validator(&self) -> Option<&str> {

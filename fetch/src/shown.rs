@@ -36,9 +36,19 @@ pub fn redact(text: &str) -> Cow<'_, str> {
     while let Some(at) = rest.find("://") {
         let (head, tail) = rest.split_at(at + 3);
         out.push_str(head);
-        let end = tail
-            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace())
-            .unwrap_or(tail.len());
+        let token = tail.find(char::is_whitespace).unwrap_or(tail.len());
+        let mut end = tail[..token]
+            .find(['/', '?', '#'])
+            .unwrap_or(token);
+        // A password with `/`, `?` or `#` in it is not a valid URL, but it is a password: an
+        // `@` later in the same word, after a `:`, ends the user part instead.
+        if let Some(at) = tail[..token].rfind('@') {
+            if at > end && tail[..at].contains(':') {
+                end = tail[at..token]
+                    .find(['/', '?', '#'])
+                    .map_or(token, |i| at + i);
+            }
+        }
         let authority = &tail[..end];
         match authority.rfind('@') {
             Some(i) => {
@@ -75,6 +85,14 @@ mod tests {
             "error for https://bob:***@a/x and http://c:***@e"
         );
         assert_eq!(redact("http://tok@h/"), "http://***@h/");
+        for (raw, want) in [
+            ("http://ann:a#b@h/f x", "http://ann:***@h/f x"),
+            ("http://ann:a/b?c@h/f", "http://ann:***@h/f"),
+            ("http://ann:p@SECRET@h/f", "http://ann:***@h/f"),
+            ("http://h/p@x is fine", "http://h/p@x is fine"),
+        ] {
+            assert_eq!(redact(raw), want);
+        }
         assert_eq!(
             redact("skipped line 1: \"http://ann:pa\"ss1@127.0.0.1/f\""),
             "skipped line 1: \"http://ann:***@127.0.0.1/f\""

@@ -37,9 +37,7 @@ pub fn redact(text: &str) -> Cow<'_, str> {
         let (head, tail) = rest.split_at(at + 3);
         out.push_str(head);
         let token = tail.find(char::is_whitespace).unwrap_or(tail.len());
-        let mut end = tail[..token]
-            .find(['/', '?', '#'])
-            .unwrap_or(token);
+        let mut end = tail[..token].find(['/', '?', '#']).unwrap_or(token);
         // A password with `/`, `?` or `#` in it is not a valid URL, but it is a password: an
         // `@` later in the same word, after a `:`, ends the user part instead.
         if let Some(at) = tail[..token].rfind('@') {

@@ -1,4 +1,4 @@
-//! The `chat` program without its argument parsing: binding the socket, the interactive
+//! The `chat` program without its argument parsing: binding the sockets, the interactive
 //! session (one coroutine takes what the user types, another shows what arrives) and
 //! `chat send`.
 
@@ -15,7 +15,8 @@ use corokit_common::text::{escape, json_line};
 use corokit_common::Shutdown;
 
 use crate::command::{self, Command, HELP};
-use crate::core::{Config, Discovery, Event, Greeting, Protocol, Sent};
+use crate::core::{Config, Discovery, Event, Greeting, IpmsgConfig, Protocol, Sent};
+use crate::ipmsg::charset;
 use crate::node::{Events, Node};
 use crate::seal::Key;
 use crate::{remembered, render};
@@ -29,6 +30,66 @@ pub struct Options {
     pub key_file: Option<PathBuf>,
     pub tries: u32,
     pub ack_timeout: Duration,
+    pub ipmsg: IpmsgChoice,
+    /// Where IP Messenger peers listen, and the port we bind for it.
+    pub ipmsg_port: u16,
+    /// Our IP Messenger group.
+    pub group: Option<String>,
+    /// `--ipmsg-encoding`: for IP Messenger peers that do not say.
+    pub ipmsg_encoding: Option<String>,
+}
+
+/// Whether to speak IP Messenger.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IpmsgChoice {
+    /// Yes, unless there is a key (IP Messenger cannot be authenticated).
+    #[default]
+    Unless,
+    /// `--ipmsg`: yes, also with a key.
+    On,
+    /// `--no-ipmsg`.
+    Off,
+}
+
+impl Options {
+    fn speaks_ipmsg(&self, keyed: bool) -> bool {
+        match self.ipmsg {
+            IpmsgChoice::Unless => !keyed,
+            IpmsgChoice::On => true,
+            IpmsgChoice::Off => false,
+        }
+    }
+
+    /// The IP Messenger settings, checked before anything is bound.
+    fn ipmsg_config(&self, keyed: bool) -> anyhow::Result<IpmsgConfig> {
+        let legacy = match &self.ipmsg_encoding {
+            Some(name) => charset::by_name(name).with_context(|| {
+                format!(
+                    "--ipmsg-encoding {:?} is not an encoding (try cp932, gbk, gb18030, big5, euc-kr, utf-8)",
+                    escape(name)
+                )
+            })?,
+            None => {
+                let locale = ["LC_ALL", "LC_CTYPE", "LANG"]
+                    .iter()
+                    .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()));
+                charset::legacy_for_locale(locale.as_deref())
+            }
+        };
+        Ok(IpmsgConfig {
+            port: self.ipmsg_port,
+            user: std::env::var("USER").unwrap_or_else(|_| "user".into()),
+            host: hostname(),
+            group: self.group.clone().unwrap_or_default(),
+            legacy,
+            broadcasts: Vec::new(),
+            clock: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            keyed,
+            exit_to_users: true,
+        })
+    }
 }
 
 /// What only the interactive `chat` is told.
@@ -47,17 +108,21 @@ const GREETING_WAIT: Duration = Duration::from_secs(1);
 /// How long the output may take to reach its reader once we are asked to stop.
 const DRAIN_AT_EXIT: Duration = Duration::from_millis(500);
 
-/// `HOST:PORT`, `[v6]:PORT` or `v6` literal with a port, resolved off the worker threads.
-pub fn resolve(text: &str) -> anyhow::Result<SocketAddr> {
+/// `HOST:PORT`, `[v6]:PORT` or `v6` literal with a port, resolved off the worker threads. A
+/// name or IPv4 address alone gets `bare_port` (the IP Messenger port, when it is spoken).
+pub fn resolve(text: &str, bare_port: Option<u16>) -> anyhow::Result<SocketAddr> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(addr);
     }
-    let (host, port) = text
-        .rsplit_once(':')
-        .with_context(|| format!("{:?} is not HOST:PORT", escape(text)))?;
-    let port: u16 = port
-        .parse()
-        .with_context(|| format!("{:?}: bad port", escape(text)))?;
+    let (host, port) = match (text.rsplit_once(':'), bare_port) {
+        (Some((host, port)), _) => (
+            host,
+            port.parse()
+                .with_context(|| format!("{:?}: bad port", escape(text)))?,
+        ),
+        (None, Some(port)) => (text, port),
+        (None, None) => bail!("{:?} is not HOST:PORT", escape(text)),
+    };
     let addrs = corokit_common::Dns::system()
         .resolve(host.trim_matches(['[', ']']), port, Duration::from_secs(5))
         .with_context(|| format!("{:?}", escape(text)))?;
@@ -73,9 +138,7 @@ pub fn bind(bind: Option<&str>, port: u16) -> anyhow::Result<may::net::UdpSocket
     let addr = match bind {
         None => {
             return bind_to(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))).or_else(|e| {
-                let in_use = e.downcast_ref::<io::Error>().map(io::Error::kind)
-                    == Some(io::ErrorKind::AddrInUse);
-                if in_use {
+                if in_use(&e) {
                     Err(e)
                 } else {
                     bind_to(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
@@ -93,6 +156,45 @@ pub fn bind(bind: Option<&str>, port: u16) -> anyhow::Result<may::net::UdpSocket
         },
     };
     bind_to(addr)
+}
+
+/// The IP Messenger socket: IPv4 (IP Messenger speaks nothing else), at `--bind`'s address
+/// when that is IPv4 and every address otherwise; `None` when `--bind` is an IPv6 address.
+pub fn bind_ipmsg(bind: Option<&str>, port: u16) -> anyhow::Result<Option<may::net::UdpSocket>> {
+    let ip = match bind {
+        None => Ipv4Addr::UNSPECIFIED,
+        Some(b) => match b
+            .parse::<SocketAddr>()
+            .map(|a| a.ip())
+            .or_else(|_| b.trim_matches(['[', ']']).parse::<IpAddr>())
+        {
+            Ok(IpAddr::V4(ip)) => ip,
+            Ok(IpAddr::V6(ip)) if ip.is_unspecified() => Ipv4Addr::UNSPECIFIED,
+            _ => return Ok(None),
+        },
+    };
+    bind_to(SocketAddr::from((ip, port))).map(Some)
+}
+
+fn in_use(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<io::Error>().map(io::Error::kind) == Some(io::ErrorKind::AddrInUse)
+}
+
+/// Where IP Messenger entries are broadcast to: everyone on the link (255.255.255.255) and
+/// each IPv4 interface's own broadcast address, as iptux does.
+fn broadcasts(port: u16) -> Vec<SocketAddr> {
+    let mut out = vec![SocketAddr::from((Ipv4Addr::BROADCAST, port))];
+    for interface in if_addrs::get_if_addrs().unwrap_or_default() {
+        if let if_addrs::IfAddr::V4(v4) = interface.addr {
+            if let Some(b) = v4.broadcast.filter(|_| !v4.is_loopback()) {
+                let addr = SocketAddr::from((b, port));
+                if !out.contains(&addr) {
+                    out.push(addr);
+                }
+            }
+        }
+    }
+    out
 }
 
 fn bind_to(addr: SocketAddr) -> anyhow::Result<may::net::UdpSocket> {
@@ -130,15 +232,23 @@ pub fn load_key(key_file: Option<&Path>) -> anyhow::Result<Option<Key>> {
     Ok(Some(Key::derive(secret)))
 }
 
-fn default_nick() -> String {
-    let user = std::env::var("USER").unwrap_or_else(|_| "user".into());
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "host".into());
-    format!("{user}@{host}")
+        .unwrap_or_else(|_| "host".into())
 }
 
-fn config(opts: &Options, key: Option<Key>, discovery: Option<u16>) -> Config {
+fn default_nick() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "user".into());
+    format!("{user}@{}", hostname())
+}
+
+fn config(
+    opts: &Options,
+    key: Option<Key>,
+    discovery: Option<u16>,
+    ipmsg: Option<IpmsgConfig>,
+) -> Config {
     Config {
         nick: opts.nick.clone().unwrap_or_else(default_nick),
         key,
@@ -149,6 +259,7 @@ fn config(opts: &Options, key: Option<Key>, discovery: Option<u16>) -> Config {
         }),
         tries: opts.tries,
         retry_base: opts.ack_timeout.max(Duration::from_millis(1)),
+        ipmsg,
         ..Config::default()
     }
 }
@@ -156,15 +267,41 @@ fn config(opts: &Options, key: Option<Key>, discovery: Option<u16>) -> Config {
 /// `chat send HOST:PORT TEXT`: 0 once a chat peer acknowledged it or a plain peer was sent
 /// it; 1 when it was not accepted (nothing listening, refused, never acknowledged).
 pub fn send_one(opts: &Options, to: &str, text: &str) -> anyhow::Result<ExitCode> {
-    let to = resolve(to)?;
     let key = load_key(opts.key_file.as_deref())?;
+    let keyed = key.is_some();
+    let ipmsg = opts.speaks_ipmsg(keyed);
+    let to = resolve(to, ipmsg.then_some(opts.ipmsg_port))?;
+    let to_ipmsg = to.port() == opts.ipmsg_port;
+    if to_ipmsg && !ipmsg && opts.ipmsg == IpmsgChoice::Unless {
+        bail!("{to} is at the IP Messenger port, which cannot be authenticated, and this chat has a key; add --ipmsg to send anyway");
+    }
+    let mut ipmsg_config = None;
     // Any free port unless one was asked for, so it works beside a running chat.
     let socket = bind(opts.bind.as_deref(), opts.port.unwrap_or(0))?;
+    let mut ipmsg_socket = None;
+    let mut port_held_elsewhere = false;
+    if to_ipmsg && ipmsg {
+        let mut config = opts.ipmsg_config(keyed)?;
+        // iptux acknowledges to the IP Messenger port, not to where a message came from:
+        // use that port if it is free.
+        let s = match bind_ipmsg(opts.bind.as_deref(), opts.ipmsg_port) {
+            Err(e) if in_use(&e) => {
+                port_held_elsewhere = true;
+                config.exit_to_users = false;
+                bind_ipmsg(opts.bind.as_deref(), 0)?
+            }
+            other => other?,
+        };
+        ipmsg_socket = Some(s.context("IP Messenger speaks IPv4, and --bind is an IPv6 address")?);
+        ipmsg_config = Some(config);
+    }
     // Connected, so that an ICMP "port unreachable" comes back as an error.
-    socket
+    ipmsg_socket
+        .as_ref()
+        .unwrap_or(&socket)
         .connect(to)
         .with_context(|| format!("cannot send to {to}"))?;
-    let (node, events) = Node::start(socket, config(opts, key, None))?;
+    let (node, events) = Node::start(socket, ipmsg_socket, config(opts, key, None, ipmsg_config))?;
     node.greet(to);
     node.wait_for_greeting(to, Duration::from_secs(2));
     let outcome = match node.send(to, text) {
@@ -189,6 +326,13 @@ pub fn send_one(opts: &Options, to: &str, text: &str) -> anyhow::Result<ExitCode
             |e| matches!(e, Event::Delivered { id: d, .. } | Event::NotDelivered { id: d, .. } if *d == id),
         ) {
             Some(Event::Delivered { .. }) => ExitCode::SUCCESS,
+            _ if port_held_elsewhere => {
+                eprintln!(
+                    "chat: not delivered to {to}: no acknowledgement (iptux acknowledges on port {}, which another program holds here)",
+                    opts.ipmsg_port
+                );
+                ExitCode::from(1)
+            }
             _ => {
                 eprintln!("chat: not delivered to {to}");
                 ExitCode::from(1)
@@ -236,9 +380,43 @@ impl Log {
 pub fn run(opts: &Options, session: Session) -> anyhow::Result<ExitCode> {
     let key = load_key(opts.key_file.as_deref())?;
     let encrypted = key.is_some();
+    let mut ipmsg_config = match opts.speaks_ipmsg(encrypted) {
+        true => Some(opts.ipmsg_config(encrypted)?),
+        false => None,
+    };
     let socket = bind(opts.bind.as_deref(), opts.port.unwrap_or(7890))?;
     let port = socket.local_addr()?.port();
-    let (node, events) = Node::start(socket, config(opts, key, session.discovery.then_some(port)))?;
+    // Without the IP Messenger port chat goes on: a notice says why, once.
+    let mut ipmsg_notice = None;
+    let ipmsg_socket = match &mut ipmsg_config {
+        None => None,
+        Some(config) => match bind_ipmsg(opts.bind.as_deref(), opts.ipmsg_port) {
+            Ok(Some(s)) => {
+                if session.discovery {
+                    config.broadcasts = broadcasts(opts.ipmsg_port);
+                }
+                Some(s)
+            }
+            Ok(None) => {
+                ipmsg_notice = Some(
+                    "IP Messenger speaks IPv4 and --bind is an IPv6 address: not speaking it"
+                        .to_string(),
+                );
+                None
+            }
+            Err(e) => {
+                ipmsg_notice = Some(format!("{e:#}; going on without IP Messenger"));
+                None
+            }
+        },
+    };
+    let ipmsg_addr = ipmsg_socket.as_ref().and_then(|s| s.local_addr().ok());
+    let (node, events) = Node::start(
+        socket,
+        ipmsg_socket,
+        config(opts, key, session.discovery.then_some(port), ipmsg_config),
+    )?;
+    let bare_port = ipmsg_addr.map(|_| opts.ipmsg_port);
     let shutdown = Shutdown::on_signals()?;
     let log = Log(match &session.log {
         Some(path) => Some(corokit_common::output::write_lines(
@@ -254,7 +432,7 @@ pub fn run(opts: &Options, session: Session) -> anyhow::Result<ExitCode> {
     let by_hand = session
         .to
         .iter()
-        .map(|to| resolve(to))
+        .map(|to| resolve(to, bare_port))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let remembered = peers_file
         .as_deref()
@@ -276,7 +454,7 @@ pub fn run(opts: &Options, session: Session) -> anyhow::Result<ExitCode> {
     {
         let node = node.clone();
         corokit_common::spawn(move || {
-            for addr in remembered.iter().filter_map(|r| resolve(r).ok()) {
+            for addr in remembered.iter().filter_map(|r| resolve(r, bare_port).ok()) {
                 node.greet(addr);
             }
         })?;
@@ -294,17 +472,35 @@ pub fn run(opts: &Options, session: Session) -> anyhow::Result<ExitCode> {
     };
     let local = node.local_addr()?;
     if session.json {
-        out.line(render::listening(local, &node.nick(), &render::clock()));
+        out.line(render::listening(
+            local,
+            ipmsg_addr,
+            &node.nick(),
+            &render::clock(),
+        ));
     } else {
         out.line(format!(
-            "chat: {} on {local} ({}); /help for commands",
+            "chat: {} on {local} ({}){}; /help for commands",
             escape(&node.nick()),
             if encrypted {
                 "encrypted"
             } else {
                 "not encrypted"
+            },
+            match ipmsg_addr {
+                Some(a) if encrypted => format!(", IP Messenger on {a} (unauthenticated)"),
+                Some(a) => format!(", IP Messenger on {a}"),
+                None => String::new(),
             }
         ));
+    }
+    if let Some(text) = ipmsg_notice {
+        let event = Event::Notice(text);
+        let line = match session.json {
+            true => render::json(&event, &render::clock()),
+            false => render::text(&event, &render::clock()),
+        };
+        out.line(line.expect("a notice is shown"));
     }
 
     // Showing what arrives: its own coroutine, so input never waits for output.
@@ -312,7 +508,10 @@ pub fn run(opts: &Options, session: Session) -> anyhow::Result<ExitCode> {
         let (out, log, json) = (out.clone(), log.clone(), session.json);
         corokit_common::spawn(move || {
             while let Some(event) = events.recv() {
-                if let Event::Message { from, nick, text } = &event {
+                if let Event::Message {
+                    from, nick, text, ..
+                } = &event
+                {
                     log.write("in", *from, nick.as_deref(), text);
                 }
                 let clock = render::clock();
@@ -335,6 +534,7 @@ pub fn run(opts: &Options, session: Session) -> anyhow::Result<ExitCode> {
             out: out.clone(),
             log: log.clone(),
             dest: by_hand.first().copied(),
+            bare_port,
         };
         let shutdown = shutdown.clone();
         corokit_common::spawn(move || {
@@ -377,7 +577,12 @@ struct Input {
     out: Output,
     log: Log,
     dest: Option<SocketAddr>,
+    /// The port a host given without one gets (IP Messenger's, when spoken).
+    bare_port: Option<u16>,
 }
+
+/// What `/away` says to IP Messenger users who write meanwhile.
+const AWAY: &str = "I am away from my desk; I will read your message later.";
 
 impl Input {
     /// Handles one typed line; false for /quit.
@@ -390,7 +595,7 @@ impl Input {
                 self.dest = None;
                 self.out.line("chat: sending to every known peer".into());
             }
-            Command::To(Some(to)) => match resolve(to) {
+            Command::To(Some(to)) => match resolve(to, self.bare_port) {
                 Ok(addr) => {
                     self.node.greet(addr);
                     self.dest = Some(addr);
@@ -412,6 +617,22 @@ impl Input {
             Command::Stats => self
                 .out
                 .line(format!("chat: {}", self.node.stats().summary())),
+            Command::Away(_) | Command::Back if self.bare_port.is_none() => self.out.line(
+                "chat: away and back are told to IP Messenger users, and IP Messenger is off"
+                    .into(),
+            ),
+            Command::Away(text) => {
+                let text = text.unwrap_or(AWAY);
+                self.node.set_away(Some(text.to_string()));
+                self.out.line(format!(
+                    "chat: away; IP Messenger users who write get: {}",
+                    escape(text)
+                ));
+            }
+            Command::Back => {
+                self.node.set_away(None);
+                self.out.line("chat: back".into());
+            }
             Command::All(text) => self.send_all(text),
             Command::Msg { nick, text } => self.send_nick(nick, text),
             Command::Say(text) => match self.dest {
@@ -432,7 +653,11 @@ impl Input {
         }
         match self.node.send(to, text) {
             Ok(_) => {
-                let nick = self.node.chat_peer(to).map(|(_, n)| n);
+                let nick = self
+                    .node
+                    .chat_peer(to)
+                    .map(|(_, n)| n)
+                    .or_else(|| self.node.ipmsg_user(to).map(|(n, _)| n));
                 self.log.write("out", to, nick.as_deref(), text)
             }
             Err(e) => self.out.line(format!("chat: {e}")),
@@ -455,7 +680,7 @@ impl Input {
             .node
             .peers()
             .into_iter()
-            .filter(|p| p.protocol == Protocol::Chat && p.nick.as_deref() == Some(nick))
+            .filter(|p| p.protocol != Protocol::Plain && p.nick.as_deref() == Some(nick))
             .map(|p| p.addr)
             .collect();
         if matches.is_empty() {

@@ -12,6 +12,9 @@ pub enum Command<'a> {
     Nick(&'a str),
     Who,
     Stats,
+    /// `/away [TEXT]`: absent, for IP Messenger users.
+    Away(Option<&'a str>),
+    Back,
     /// To every known peer.
     All(&'a str),
     /// A private message to the peer(s) with this nickname.
@@ -26,7 +29,7 @@ pub enum Command<'a> {
     Unknown(&'a str),
 }
 
-pub const HELP: &str = "commands: /to HOST:PORT (destination; /to alone: every peer), /msg NICK text or @NICK text, /all text, /who, /stats, /nick NAME, /help, /quit; a line starting with // sends one starting with /";
+pub const HELP: &str = "commands: /to HOST:PORT (destination; /to HOST: an IP Messenger user; /to alone: every peer), /msg NICK text or @NICK text, /all text, /who, /stats, /nick NAME, /away [TEXT], /back, /help, /quit; a line starting with // sends one starting with /";
 
 fn private<'a>(rest: &'a str, usage: &'static str) -> Command<'a> {
     match rest.split_once(' ') {
@@ -53,6 +56,9 @@ pub fn parse(line: &str) -> Command<'_> {
         "/nick" => Command::Nick(rest.trim()),
         "/who" => Command::Who,
         "/stats" => Command::Stats,
+        "/away" if rest.trim().is_empty() => Command::Away(None),
+        "/away" => Command::Away(Some(rest.trim())),
+        "/back" => Command::Back,
         "/all" => Command::All(rest),
         "/msg" => private(rest, "usage: /msg NICK text"),
         _ if line.starts_with('@') => private(&line[1..], "usage: @NICK text"),
@@ -96,5 +102,8 @@ mod tests {
         assert_eq!(parse("/all hi all"), Command::All("hi all"));
         assert_eq!(parse("/frob x"), Command::Unknown("/frob"));
         assert_eq!(parse("/quit\r"), Command::Quit);
+        assert_eq!(parse("/away"), Command::Away(None));
+        assert_eq!(parse("/away  at lunch "), Command::Away(Some("at lunch")));
+        assert_eq!(parse("/back"), Command::Back);
     }
 }

@@ -7,6 +7,7 @@
 pub mod app;
 pub mod command;
 pub mod core;
+pub mod ipmsg;
 pub mod node;
 pub mod remembered;
 pub mod render;

@@ -5,14 +5,15 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use corokit_chat::app::{self, Options, Session};
+use corokit_chat::app::{self, IpmsgChoice, Options, Session};
 
 /// LAN messaging over UDP: with other `chat` instances (discovery, nicknames, acknowledged
-/// and ordered delivery, optional encryption) and with plain peers like `nc -u`.
+/// and ordered delivery, optional encryption), with IP Messenger users (IP Messenger, iptux,
+/// FeiQ, on UDP 2425) and with plain peers like `nc -u`.
 ///
 /// Type a line to send it to the current destination (or to every known peer when there is
-/// none). Commands: /to HOST:PORT, /msg NICK text (or @NICK text), /all text, /who, /stats,
-/// /nick NAME, /help, /quit.
+/// none). Commands: /to HOST:PORT (/to HOST: an IP Messenger user), /msg NICK text (or
+/// @NICK text), /all text, /who, /stats, /nick NAME, /away [TEXT], /back, /help, /quit.
 ///
 /// Exit status: 0 on a normal end (Ctrl-C, SIGTERM, /quit); 1 when `chat send` could not
 /// deliver; 2 for usage errors, a port in use, or an unreadable key file.
@@ -68,6 +69,23 @@ struct Common {
     /// Milliseconds before the first retransmission (doubled after each, up to 16 times).
     #[arg(long, default_value_t = 200, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=60_000))]
     ack_timeout: u64,
+    /// Do not speak IP Messenger (UDP 2425).
+    #[arg(long, conflicts_with = "ipmsg")]
+    no_ipmsg: bool,
+    /// Speak IP Messenger also with a key (its peers cannot be authenticated, and are marked
+    /// so); without a key it is on by default.
+    #[arg(long)]
+    ipmsg: bool,
+    /// The IP Messenger port: bound by chat, and where IP Messenger peers are reached.
+    #[arg(long, default_value_t = corokit_chat::ipmsg::PORT, value_name = "PORT")]
+    ipmsg_port: u16,
+    /// Our IP Messenger group.
+    #[arg(long, value_name = "NAME")]
+    group: Option<String>,
+    /// Encoding of IP Messenger peers that do not say (cp932, gbk, gb18030, big5, euc-kr,
+    /// utf-8, …) [default: gb18030 in a Chinese locale, else cp932].
+    #[arg(long, value_name = "NAME")]
+    ipmsg_encoding: Option<String>,
 }
 
 impl Common {
@@ -79,14 +97,23 @@ impl Common {
             key_file: self.key_file.clone(),
             tries: self.tries,
             ack_timeout: Duration::from_millis(self.ack_timeout),
+            ipmsg: match (self.ipmsg, self.no_ipmsg) {
+                (true, _) => IpmsgChoice::On,
+                (_, true) => IpmsgChoice::Off,
+                _ => IpmsgChoice::Unless,
+            },
+            ipmsg_port: self.ipmsg_port,
+            group: self.group.clone(),
+            ipmsg_encoding: self.ipmsg_encoding.clone(),
         }
     }
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Send one message: exit 0 once a chat peer acknowledged it (a plain peer: once it
-    /// was sent), 1 if it was not accepted (nothing listening, refused, not acknowledged).
+    /// Send one message: exit 0 once a chat peer or an IP Messenger user (HOST:2425, or
+    /// HOST alone) acknowledged it (a plain peer: once it was sent), 1 if it was not
+    /// accepted (nothing listening, refused, not acknowledged).
     Send {
         #[arg(value_name = "HOST:PORT")]
         to: String,

@@ -1,5 +1,5 @@
-//! A chat node on one UDP socket: the thin driver of [`Core`]. A receive coroutine feeds
-//! it datagrams; a timer coroutine sleeps until its next deadline (an idle node wakes every
+//! A chat node on a UDP socket (and, speaking IP Messenger, a second one on its port): the
+//! thin driver of [`Core`]. A receive coroutine per socket feeds it datagrams; a timer coroutine sleeps until its next deadline (an idle node wakes every
 //! few seconds, not every few milliseconds) and is woken early when a send moves the deadline
 //! closer; whoever takes events waits on a doorbell. The core sits behind a mutex whose
 //! critical sections never yield; datagrams are sent after it is released.
@@ -14,7 +14,9 @@ use may::net::UdpSocket;
 use may::sync::mpsc;
 use ring::rand::SecureRandom;
 
-use crate::core::{self, Config, Core, Event, Greeting, PeerInfo, SendError, Sent, Stats};
+use crate::core::{
+    self, Config, Core, Event, Greeting, IpmsgUser, PeerInfo, SendError, Sent, Stats, Via,
+};
 
 /// The address families a socket speaks, so the ones announced to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +74,8 @@ impl Doorbell {
 
 struct Inner {
     socket: UdpSocket,
+    /// The IP Messenger socket.
+    ipmsg: Option<UdpSocket>,
     core: Mutex<Core>,
     /// The deadline the timer coroutine sleeps until, in nanoseconds after `origin`.
     armed: AtomicU64,
@@ -130,10 +134,27 @@ fn seed() -> io::Result<[u8; 32]> {
 }
 
 impl Node {
-    /// Starts a node on an already-bound socket. Discovery, if the config asks for it, is
-    /// limited to the families the socket speaks. A connected socket (`chat send`) reports
-    /// a destination where nothing listens as [`Event::Unreachable`].
-    pub fn start(socket: UdpSocket, mut config: Config) -> io::Result<(Node, Events)> {
+    /// Starts a node on an already-bound socket, and an IPv4 socket for IP Messenger when
+    /// the config speaks it. Discovery, if the config asks for it, is limited to the
+    /// families the socket speaks. A connected socket (`chat send`) reports a destination
+    /// where nothing listens as [`Event::Unreachable`].
+    pub fn start(
+        socket: UdpSocket,
+        ipmsg: Option<UdpSocket>,
+        mut config: Config,
+    ) -> io::Result<(Node, Events)> {
+        if ipmsg.is_none() {
+            config.ipmsg = None;
+        }
+        if let Some(s) = &ipmsg {
+            if config
+                .ipmsg
+                .as_ref()
+                .is_some_and(|c| !c.broadcasts.is_empty())
+            {
+                s.set_broadcast(true)?;
+            }
+        }
         let families = Families::of(&socket)?;
         if let Some(d) = &mut config.discovery {
             d.ipv4 &= families != Families::V6;
@@ -151,6 +172,7 @@ impl Node {
         let node = Node {
             inner: Arc::new(Inner {
                 socket,
+                ipmsg,
                 core: Mutex::new(core),
                 armed: AtomicU64::new(0),
                 origin,
@@ -162,7 +184,13 @@ impl Node {
         };
         node.with_core(|c, now| c.start(now));
         let receiver = node.clone();
-        corokit_common::spawn(move || receiver.receive_loop()).map_err(io::Error::other)?;
+        corokit_common::spawn(move || receiver.receive_loop(Via::Chat))
+            .map_err(io::Error::other)?;
+        if node.inner.ipmsg.is_some() {
+            let receiver = node.clone();
+            corokit_common::spawn(move || receiver.receive_loop(Via::Ipmsg))
+                .map_err(io::Error::other)?;
+        }
         let keeper = node.clone();
         corokit_common::spawn(move || keeper.timer_loop(timer_rx)).map_err(io::Error::other)?;
         let events = Events {
@@ -187,10 +215,13 @@ impl Node {
     fn deliver(&self, output: Output) {
         let mut refused = None;
         for t in output.transmits {
+            let Some(socket) = self.socket(t.via) else {
+                continue;
+            };
             // Errors (an unreachable network, say) are left to retransmission and, in the
             // end, to not-delivered; but on a connected socket a send can be the call that
             // reports the ICMP "port unreachable" of an earlier one.
-            if let Err(e) = self.inner.socket.send_to(&t.bytes, t.to) {
+            if let Err(e) = socket.send_to(&t.bytes, t.to) {
                 if e.kind() == io::ErrorKind::ConnectionRefused {
                     refused = Some(t.to);
                 }
@@ -216,27 +247,39 @@ impl Node {
         at.saturating_duration_since(self.inner.origin).as_nanos() as u64
     }
 
-    fn receive_loop(&self) {
+    fn socket(&self, via: Via) -> Option<&UdpSocket> {
+        match via {
+            Via::Chat => Some(&self.inner.socket),
+            Via::Ipmsg => self.inner.ipmsg.as_ref(),
+        }
+    }
+
+    fn receive_loop(&self, via: Via) {
+        let socket = self.socket(via).expect("a socket for each receive loop");
+        let handle = |c: &mut Core, now, from, bytes: &[u8]| match via {
+            Via::Chat => c.handle_datagram(now, from, bytes),
+            Via::Ipmsg => c.handle_ipmsg(now, from, bytes),
+        };
         // The largest UDP payload: anything smaller would truncate silently.
         let mut buf = vec![0u8; 65_536];
         loop {
-            let received = self.inner.socket.recv_from(&mut buf);
+            let received = socket.recv_from(&mut buf);
             if self.inner.stopped.is_fired() {
                 return;
             }
             match received {
                 Ok((0, from)) if from.ip().is_loopback() => {} // the wake-up from `stop`
                 Ok((n, from)) => {
-                    let socket = self.inner.socket.inner();
+                    let raw = socket.inner();
                     self.with_core(|c, now| {
-                        c.handle_datagram(now, from, &buf[..n]);
+                        handle(c, now, from, &buf[..n]);
                         // Whatever else has arrived is handled under the same lock, and
                         // answered with one acknowledgement per sender. The socket is
                         // non-blocking: this never waits.
                         for _ in 0..BATCH {
-                            match socket.recv_from(&mut buf) {
+                            match raw.recv_from(&mut buf) {
                                 Ok((0, _)) => {}
-                                Ok((n, from)) => c.handle_datagram(now, from, &buf[..n]),
+                                Ok((n, from)) => handle(c, now, from, &buf[..n]),
                                 Err(_) => break,
                             }
                         }
@@ -246,7 +289,7 @@ impl Node {
                     may::coroutine::yield_now();
                 }
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    if let Ok(peer) = self.inner.socket.inner().peer_addr() {
+                    if let Ok(peer) = socket.inner().peer_addr() {
                         self.with_core(|c, now| c.handle_unreachable(now, peer));
                     }
                 }
@@ -307,6 +350,23 @@ impl Node {
             .map(|(a, n)| (a, n.to_string()))
     }
 
+    /// The IP Messenger user at `addr`: (nickname, details).
+    pub fn ipmsg_user(&self, addr: SocketAddr) -> Option<(String, IpmsgUser)> {
+        lock(&self.inner.core)
+            .ipmsg_user(addr)
+            .map(|(n, u)| (n.to_string(), u.clone()))
+    }
+
+    /// True when a message to `addr` goes by IP Messenger.
+    pub fn is_ipmsg(&self, addr: SocketAddr) -> bool {
+        lock(&self.inner.core).is_ipmsg(addr)
+    }
+
+    /// `/away [TEXT]` (`Some`) and `/back` (`None`), told to IP Messenger users.
+    pub fn set_away(&self, away: Option<String>) {
+        self.with_core(|c, now| c.set_away(now, away));
+    }
+
     /// Greets `addr` (given by hand), a few times until it answers.
     pub fn greet(&self, addr: SocketAddr) {
         self.with_core(|c, now| c.greet(now, addr));
@@ -354,14 +414,20 @@ impl Node {
         self.inner.stopped.fire();
         self.inner.timer.ring();
         self.inner.events.ring();
-        // Wake the receive loop with a datagram to itself so it sees the flag (by IPv4 where
-        // it can: IPv6 may be off on the loopback interface).
-        if let Ok(addr) = self.inner.socket.local_addr() {
+        // Wake the receive loops with a datagram to themselves so they see the flag (by IPv4
+        // where they can: IPv6 may be off on the loopback interface).
+        for socket in std::iter::once(&self.inner.socket).chain(&self.inner.ipmsg) {
+            self.wake(socket);
+        }
+    }
+
+    fn wake(&self, socket: &UdpSocket) {
+        if let Ok(addr) = socket.local_addr() {
             let wake = match addr.ip() {
                 IpAddr::V4(ip) if ip.is_unspecified() => {
                     SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
                 }
-                IpAddr::V6(_) if self.inner.families == Families::Both => {
+                IpAddr::V6(ip) if ip.is_unspecified() && self.inner.families == Families::Both => {
                     SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
                 }
                 IpAddr::V6(ip) if ip.is_unspecified() => {
@@ -369,7 +435,7 @@ impl Node {
                 }
                 _ => addr,
             };
-            let _ = self.inner.socket.send_to(&[], wake);
+            let _ = socket.send_to(&[], wake);
         }
     }
 }

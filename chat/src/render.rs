@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use corokit_common::text::{escape, json_line};
 use serde_json::json;
 
-use crate::core::{Event, PeerInfo, Protocol};
+use crate::core::{Event, IpmsgUser, PeerInfo, Protocol};
 
 /// The time of day shown with each line.
 pub fn clock() -> String {
@@ -21,21 +21,80 @@ fn who(nick: Option<&str>, addr: SocketAddr) -> String {
     }
 }
 
+/// A peer with what kind it is, for IP Messenger users: `nick (addr, IPMsg)`.
+fn who_by(nick: Option<&str>, addr: SocketAddr, protocol: Protocol) -> String {
+    match (protocol, nick) {
+        (Protocol::Ipmsg { unauthenticated }, Some(n)) => format!(
+            "{} ({addr}, IPMsg{})",
+            escape(n),
+            if unauthenticated {
+                ", unauthenticated"
+            } else {
+                ""
+            }
+        ),
+        _ => who(nick, addr),
+    }
+}
+
+fn protocol_name(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Chat => "chat",
+        Protocol::Plain => "plain",
+        Protocol::Ipmsg { .. } => "ipmsg",
+    }
+}
+
+/// `, iptux, group G, away`: what /who and a join say of an IP Messenger user.
+fn ipmsg_details(u: &IpmsgUser) -> String {
+    let mut out = format!(", {}", u.client.name());
+    if !u.group.is_empty() {
+        out += &format!(", group {}", escape(&u.group));
+    }
+    if !u.host.is_empty() {
+        out += &format!(", host {}", escape(&u.host));
+    }
+    if u.away {
+        out += ", away";
+    }
+    out
+}
+
 /// A line for a person; `None` for events nobody needs to read.
 pub fn text(event: &Event, clock: &str) -> Option<String> {
     Some(match event {
-        Event::Message { from, nick, text } => {
+        Event::Message {
+            from,
+            nick,
+            text,
+            protocol,
+        } => {
             format!(
                 "[{clock}] {}: {}",
-                who(nick.as_deref(), *from),
+                who_by(nick.as_deref(), *from, *protocol),
                 escape(text)
             )
         }
-        Event::Join { addr, nick } => format!("[{clock}] * {} joined", who(Some(nick), *addr)),
+        Event::Join {
+            addr,
+            nick,
+            protocol,
+            ipmsg,
+        } => format!(
+            "[{clock}] * {}{} joined",
+            who_by(Some(nick), *addr, *protocol),
+            ipmsg.as_ref().map(ipmsg_details).unwrap_or_default()
+        ),
+        Event::Away { addr, nick, away } => format!(
+            "[{clock}] * {} is {}",
+            who(Some(nick), *addr),
+            if *away { "away" } else { "back" }
+        ),
         Event::Leave {
             addr,
             nick,
             expired,
+            ..
         } => format!(
             "[{clock}] * {} {}",
             who(Some(nick), *addr),
@@ -58,20 +117,47 @@ pub fn text(event: &Event, clock: &str) -> Option<String> {
 /// A JSON line for a program; `None` for events nobody needs to read.
 pub fn json(event: &Event, clock: &str) -> Option<String> {
     let value = match event {
-        Event::Message { from, nick, text } => json!({
+        Event::Message {
+            from,
+            nick,
+            text,
+            protocol,
+        } => marked(
+            json!({
             "event": "message", "time": clock, "from": from.to_string(), "nick": nick,
-            "text": text,
-            "protocol": if nick.is_some() { "chat" } else { "plain" } }),
-        Event::Join { addr, nick } => json!({
-            "event": "join", "time": clock, "from": addr.to_string(), "nick": nick,
-            "protocol": "chat" }),
+            "text": text, "protocol": protocol_name(*protocol) }),
+            *protocol,
+        ),
+        Event::Join {
+            addr,
+            nick,
+            protocol,
+            ipmsg,
+        } => {
+            let mut v = json!({
+                "event": "join", "time": clock, "from": addr.to_string(), "nick": nick,
+                "protocol": protocol_name(*protocol) });
+            if let Some(u) = ipmsg {
+                v["user"] = json!(u.user);
+                v["host"] = json!(u.host);
+                v["group"] = json!(u.group);
+                v["client"] = json!(u.client.name());
+                v["version"] = json!(u.version);
+                v["away"] = json!(u.away);
+            }
+            marked(v, *protocol)
+        }
+        Event::Away { addr, nick, away } => json!({
+            "event": "away", "time": clock, "from": addr.to_string(), "nick": nick,
+            "away": away, "protocol": "ipmsg" }),
         Event::Leave {
             addr,
             nick,
             expired,
+            protocol,
         } => json!({
             "event": "leave", "time": clock, "from": addr.to_string(), "nick": nick,
-            "expired": expired }),
+            "expired": expired, "protocol": protocol_name(*protocol) }),
         Event::NotDelivered { to, nick, text, .. } => json!({
             "event": "not_delivered", "time": clock, "to": to.to_string(), "nick": nick,
             "text": text }),
@@ -86,11 +172,23 @@ pub fn json(event: &Event, clock: &str) -> Option<String> {
     Some(json_line(&value))
 }
 
+/// `"unauthenticated": true` on what an IP Messenger peer did, where this chat has a key.
+fn marked(mut v: serde_json::Value, protocol: Protocol) -> serde_json::Value {
+    if protocol
+        == (Protocol::Ipmsg {
+            unauthenticated: true,
+        })
+    {
+        v["unauthenticated"] = json!(true);
+    }
+    v
+}
+
 /// The `listening` event that starts `--json` output.
-pub fn listening(addr: SocketAddr, nick: &str, clock: &str) -> String {
-    json_line(
-        &json!({ "event": "listening", "time": clock, "addr": addr.to_string(), "nick": nick }),
-    )
+pub fn listening(addr: SocketAddr, ipmsg: Option<SocketAddr>, nick: &str, clock: &str) -> String {
+    json_line(&json!({
+        "event": "listening", "time": clock, "addr": addr.to_string(), "nick": nick,
+        "ipmsg": ipmsg.map(|a| a.to_string()) }))
 }
 
 /// `/who`: a line per peer.
@@ -101,15 +199,22 @@ pub fn who_lines(peers: &[PeerInfo]) -> Vec<String> {
     peers
         .iter()
         .map(|p| {
-            let also: String = p.also.iter().map(|a| format!(", also at {a}")).collect();
+            let mut also: String = p.also.iter().map(|a| format!(", also at {a}")).collect();
+            if let Some(u) = &p.ipmsg {
+                also += &ipmsg_details(u);
+            }
+            if p.protocol
+                == (Protocol::Ipmsg {
+                    unauthenticated: true,
+                })
+            {
+                also += ", unauthenticated";
+            }
             format!(
                 "  {:<24} {:<22} {:<5} last seen {:.0?} ago{also}",
                 escape(p.nick.as_deref().unwrap_or("-")),
                 p.addr.to_string(),
-                match p.protocol {
-                    Protocol::Chat => "chat",
-                    Protocol::Plain => "plain",
-                },
+                protocol_name(p.protocol),
                 p.last_seen
             )
         })
@@ -130,6 +235,7 @@ mod tests {
             from: addr(),
             nick: Some("eve\u{202e}".into()),
             text: "hi\x1b[2J\u{2028}\u{e0041}".into(),
+            protocol: Protocol::Chat,
         };
         assert_eq!(
             text(&e, "12:00:00").unwrap(),
@@ -146,6 +252,51 @@ mod tests {
     }
 
     #[test]
+    fn ipmsg_users_are_shown_with_their_client_and_marked_under_a_key() {
+        let addr: SocketAddr = "10.0.0.5:2425".parse().unwrap();
+        let user = IpmsgUser {
+            user: "root".into(),
+            host: "vm".into(),
+            group: "grp\u{1b}".into(),
+            client: crate::ipmsg::Client::Iptux,
+            version: "1_iptux 0.8.3".into(),
+            away: true,
+        };
+        let join = |unauthenticated| Event::Join {
+            addr,
+            nick: "tux".into(),
+            protocol: Protocol::Ipmsg { unauthenticated },
+            ipmsg: Some(user.clone()),
+        };
+        assert_eq!(
+            text(&join(false), "t").unwrap(),
+            "[t] * tux (10.0.0.5:2425, IPMsg), iptux, group grp\\u{1b}, host vm, away joined"
+        );
+        let line = json(&join(true), "t").unwrap();
+        for part in [
+            r#""protocol":"ipmsg""#,
+            r#""client":"iptux""#,
+            r#""group":"grp\u001b""#,
+            r#""unauthenticated":true"#,
+        ] {
+            assert!(line.contains(part), "{line}");
+        }
+        let message = Event::Message {
+            from: addr,
+            nick: Some("tux".into()),
+            text: "hi".into(),
+            protocol: Protocol::Ipmsg {
+                unauthenticated: true,
+            },
+        };
+        assert_eq!(
+            text(&message, "t").unwrap(),
+            "[t] tux (10.0.0.5:2425, IPMsg, unauthenticated): hi"
+        );
+        assert!(!json(&join(false), "t").unwrap().contains("unauthenticated"));
+    }
+
+    #[test]
     fn delivery_reports_are_not_shown() {
         assert_eq!(text(&Event::Delivered { to: addr(), id: 1 }, "t"), None);
         assert_eq!(json(&Event::Delivered { to: addr(), id: 1 }, "t"), None);
@@ -159,6 +310,7 @@ mod tests {
             nick: Some("ana".into()),
             protocol: Protocol::Chat,
             last_seen: std::time::Duration::from_secs(3),
+            ipmsg: None,
         }];
         let lines = who_lines(&peers);
         assert!(lines[0].contains("ana") && lines[0].contains("chat"));

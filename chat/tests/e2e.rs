@@ -11,195 +11,8 @@ use corokit_chat::seal::Key;
 use corokit_chat::wire::{self, Body, Datagram, Kind, Packet, FLAG_VERIFIED};
 use serde_json::Value;
 
-const WAIT: Duration = Duration::from_secs(20);
-
-fn udp() -> may::net::UdpSocket {
-    corokit_common::init();
-    let s = may::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    s
-}
-
-/// A running `chat --json` whose output lines arrive on a channel.
-struct Chat {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
-    addr: SocketAddr,
-    seen: Vec<Value>,
-    /// While set, nobody reads the output: the pipe fills and `chat` falls behind.
-    stalled: Arc<AtomicBool>,
-}
-
-impl Chat {
-    fn start(args: &[&str]) -> Chat {
-        Self::start_with(args, &[])
-    }
-
-    fn start_with(args: &[&str], env: &[(&str, &str)]) -> Chat {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chat"));
-        cmd.arg("--no-discovery");
-        if !args.contains(&"--bind") {
-            cmd.args(["--bind", "127.0.0.1"]);
-        }
-        if !args.contains(&"--port") {
-            cmd.args(["--port", "0"]);
-        }
-        Self::spawn(cmd, args, env)
-    }
-
-    /// Runs `chat` inside network namespace `ns`, with discovery on its default port.
-    fn start_in(ns: &str, args: &[&str]) -> Chat {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_chat")]);
-        Self::spawn(cmd, args, &[])
-    }
-
-    fn spawn(mut cmd: Command, args: &[&str], env: &[(&str, &str)]) -> Chat {
-        corokit_common::init();
-        if !args.contains(&"--peers-file") {
-            let dir = tempfile::tempdir().unwrap().keep();
-            cmd.arg("--peers-file").arg(dir.join("peers"));
-        }
-        let mut child = cmd
-            .arg("--json")
-            .args(args)
-            .env_remove("CHAT_KEY")
-            .envs(env.iter().copied())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        let stalled = Arc::new(AtomicBool::new(false));
-        let stall = stalled.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                while stall.load(Ordering::SeqCst) {
-                    corokit_common::sleep(Duration::from_millis(10));
-                }
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let first = lines.recv_timeout(WAIT).expect("chat printed nothing");
-        let v: Value = serde_json::from_str(&first).unwrap();
-        assert_eq!(v["event"], "listening", "{first}");
-        let addr = v["addr"].as_str().unwrap().parse().unwrap();
-        Chat {
-            stdin: child.stdin.take(),
-            child,
-            lines,
-            addr,
-            seen: Vec::new(),
-            stalled,
-        }
-    }
-
-    fn say(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().unwrap();
-        writeln!(stdin, "{line}").unwrap();
-        stdin.flush().unwrap();
-    }
-
-    /// Waits for an event matching `pred`, keeping everything seen.
-    fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + WAIT;
-        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
-            return v.clone();
-        }
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            let Ok(line) = self.lines.recv_timeout(left) else {
-                break;
-            };
-            let v: Value = match serde_json::from_str(&line) {
-                Ok(v) => v,
-                Err(_) => Value::String(line),
-            };
-            self.seen.push(v.clone());
-            if pred(&v) {
-                return v;
-            }
-        }
-        panic!("{what} did not happen; saw {:#?}", self.seen)
-    }
-
-    fn messages(&mut self, settle: Duration) -> Vec<String> {
-        let until = Instant::now() + settle;
-        while let Some(left) = until.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self
-                    .seen
-                    .push(serde_json::from_str(&line).unwrap_or(Value::String(line))),
-                Err(_) => break,
-            }
-        }
-        self.seen
-            .iter()
-            .filter(|v| v["event"] == "message")
-            .map(|v| v["text"].as_str().unwrap().to_string())
-            .collect()
-    }
-
-    /// `/who`'s line for `nick`, asked again until it shows another address ("also at"):
-    /// the second address is heard moments after the first (neighbour discovery).
-    fn who_with_aliases(&mut self, nick: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        let name = format!(" {nick} ");
-        loop {
-            // Earlier answers go (they are the lines that are not JSON); events stay.
-            self.seen.retain(|v| !v.is_string());
-            self.say("/who");
-            let line = self.wait_for("/who", |v| v.as_str().is_some_and(|l| l.contains(&name)));
-            let line = line.as_str().unwrap().to_string();
-            if line.contains("also at") || Instant::now() > deadline {
-                return line;
-            }
-            corokit_common::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn joined(&mut self, addr: SocketAddr) {
-        let a = addr.to_string();
-        self.wait_for("join", |v| v["event"] == "join" && v["from"] == a.as_str());
-    }
-
-    /// Waits for `chat` to end by itself: its exit code, or `None` if it is still running.
-    fn exit_code(mut self) -> Option<i32> {
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            corokit_common::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-
-    fn terminate(mut self) -> i32 {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        let status = self.child.wait().unwrap();
-        status.code().unwrap_or(-1)
-    }
-}
-
-impl Drop for Chat {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn msg_from(v: &Value, from: SocketAddr, text: &str) -> bool {
-    v["event"] == "message" && v["from"] == from.to_string().as_str() && v["text"] == text
-}
+mod support;
+use support::*;
 
 #[test]
 fn three_instances_talk_in_every_direction() {
@@ -262,7 +75,14 @@ fn plain_udp_peers_both_ways() {
 /// output and its address.
 fn text_mode_chat() -> (Child, BufReader<std::process::ChildStdout>, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_chat"))
-        .args(["--bind", "127.0.0.1", "--port", "0", "--no-discovery"])
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-discovery",
+            "--no-ipmsg",
+        ])
         .args(["--peers-file", "/dev/null"])
         .env_remove("CHAT_KEY")
         .stdin(Stdio::piped())
@@ -932,7 +752,7 @@ fn on_a_terminal_the_input_line_stays_intact_while_messages_arrive() {
     let session = format!("chat-test-{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
     let cmd = format!(
-        "{} --bind 127.0.0.1 --port {port} --no-discovery --name tty --peers-file {}",
+        "{} --bind 127.0.0.1 --port {port} --no-discovery --no-ipmsg --name tty --peers-file {}",
         env!("CARGO_BIN_EXE_chat"),
         dir.path().join("peers").display()
     );
@@ -984,76 +804,6 @@ fn on_a_terminal_the_input_line_stays_intact_while_messages_arrive() {
         arrived < input,
         "the message was not printed above the input line:\n{shown}"
     );
-}
-
-/// Hosts in network namespaces joined by a bridge (in a namespace of its own), removed on drop.
-struct Lan {
-    names: Vec<String>,
-}
-
-impl Lan {
-    fn ip(args: &[&str]) -> bool {
-        Command::new("ip")
-            .args(args)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    }
-
-    /// Two hosts on one link with IPv6 link-local addresses usable at once (no duplicate
-    /// address detection) and, with `ipv4`, 10.213.77.1 and .2; `None` where namespaces are
-    /// not permitted.
-    fn two_hosts(ipv4: bool) -> Option<Lan> {
-        static LANS: AtomicUsize = AtomicUsize::new(0);
-        let id = format!(
-            "{}x{}",
-            std::process::id(),
-            LANS.fetch_add(1, Ordering::SeqCst)
-        );
-        let (br, h1, h2) = (
-            format!("ckbr{id}"),
-            format!("ckh1{id}"),
-            format!("ckh2{id}"),
-        );
-        let lan = Lan {
-            names: vec![br.clone(), h1.clone(), h2.clone()],
-        };
-        if !Lan::ip(&["netns", "add", &br]) {
-            return None;
-        }
-        let no_dad = "echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad";
-        let ok = Lan::ip(&["netns", "add", &h1])
-            && Lan::ip(&["netns", "add", &h2])
-            && [&h1, &h2]
-                .iter()
-                .all(|h| Lan::ip(&["netns", "exec", h, "sh", "-c", no_dad]))
-            && Lan::ip(&["-n", &br, "link", "add", "br0", "type", "bridge"])
-            && Lan::ip(&["-n", &br, "link", "set", "br0", "up"])
-            && [(&h1, "1"), (&h2, "2")].iter().all(|(h, n)| {
-                let port = format!("p{n}");
-                Lan::ip(&["-n", &br, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", h])
-                    && Lan::ip(&["-n", &br, "link", "set", &port, "master", "br0", "up"])
-                    && (!ipv4
-                        || Lan::ip(&["-n", h, "addr", "add", &format!("10.213.77.{n}/24"), "dev", "eth0"]))
-                    && Lan::ip(&["-n", h, "link", "set", "eth0", "up"])
-                    && Lan::ip(&["-n", h, "link", "set", "lo", "up"])
-                    // Broadcast and multicast leave through eth0; nothing else is there.
-                    && (!ipv4 || Lan::ip(&["-n", h, "route", "add", "default", "dev", "eth0"]))
-            });
-        ok.then_some(lan)
-    }
-}
-
-impl Drop for Lan {
-    fn drop(&mut self) {
-        for name in &self.names {
-            Lan::ip(&["netns", "del", name]);
-        }
-    }
-}
-
-/// Events of `kind` in everything `chat` printed so far.
-fn count(chat: &Chat, kind: &str) -> usize {
-    chat.seen.iter().filter(|v| v["event"] == kind).count()
 }
 
 fn is_link_local(v: &Value) -> bool {
@@ -1601,6 +1351,7 @@ fn json_output_bytes_carry_no_raw_hidden_characters() {
             "--port",
             "0",
             "--no-discovery",
+            "--no-ipmsg",
             "--json",
             "--peers-file",
             "/dev/null",

@@ -428,6 +428,7 @@ impl Sim {
                     from: f,
                     nick: Some(_),
                     text,
+                    ..
                 } if *f == addr(from) => Some((*run, text.clone())),
                 _ => None,
             })

@@ -1,12 +1,14 @@
 //! What the user is shown, bounded: the queue of events waiting to be read, with a share per
 //! source so that one flooding source fills only its own part, and the tally that turns
-//! repeated trouble from one source (malformed datagrams, dropped lines, joins) into one
+//! repeated trouble from one source (malformed datagrams, dropped messages, joins) into one
 //! notice per interval instead of a line per datagram.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::ipmsg::packet::Malformed as IpmsgMalformed;
+use crate::ipmsg::Client;
 use crate::wire::{Malformed, Refusal};
 
 /// Who a peer is, for the user.
@@ -16,6 +18,22 @@ pub enum Protocol {
     Chat,
     /// Sends plain text (nc, socat, a script): messages go out as plain UTF-8.
     Plain,
+    /// An IP Messenger client (IP Messenger, iptux, FeiQ): messages are acknowledged, never
+    /// authenticated. `unauthenticated` marks them so where this chat uses a key.
+    Ipmsg { unauthenticated: bool },
+}
+
+/// An IP Messenger user as its packets describe it. As received: escape before showing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpmsgUser {
+    pub user: String,
+    pub host: String,
+    pub group: String,
+    pub client: Client,
+    /// Its version field, which names the client.
+    pub version: String,
+    /// It says it is away (absence mode).
+    pub away: bool,
 }
 
 /// What the user sees. Text is as received: escape it before showing it.
@@ -26,21 +44,29 @@ pub enum Event {
         from: SocketAddr,
         nick: Option<String>,
         text: String,
+        protocol: Protocol,
     },
+    /// `ipmsg` describes an IP Messenger user.
     Join {
         addr: SocketAddr,
         nick: String,
+        protocol: Protocol,
+        ipmsg: Option<IpmsgUser>,
     },
     Leave {
         addr: SocketAddr,
         nick: String,
         expired: bool,
+        protocol: Protocol,
+    },
+    /// An IP Messenger user went away or came back.
+    Away {
+        addr: SocketAddr,
+        nick: String,
+        away: bool,
     },
     /// Every fragment of message `id` was delivered to the peer's user.
-    Delivered {
-        to: SocketAddr,
-        id: u64,
-    },
+    Delivered { to: SocketAddr, id: u64 },
     /// The peer stopped answering before message `id` was delivered.
     NotDelivered {
         to: SocketAddr,
@@ -49,14 +75,9 @@ pub enum Event {
         text: String,
     },
     /// A chat at `to` refused our hello.
-    Refused {
-        to: SocketAddr,
-        why: Refusal,
-    },
+    Refused { to: SocketAddr, why: Refusal },
     /// Nothing listens at `to` (ICMP port unreachable, on a connected socket).
-    Unreachable {
-        to: SocketAddr,
-    },
+    Unreachable { to: SocketAddr },
     /// Something about the network worth a line.
     Notice(String),
 }
@@ -75,7 +96,13 @@ fn cost(event: &Event) -> usize {
     64 + match event {
         Event::Message { nick, text, .. } => text.len() + nick.as_ref().map_or(0, String::len),
         Event::NotDelivered { nick, text, .. } => text.len() + nick.as_ref().map_or(0, String::len),
-        Event::Join { nick, .. } | Event::Leave { nick, .. } => nick.len(),
+        Event::Join { nick, ipmsg, .. } => {
+            nick.len()
+                + ipmsg.as_ref().map_or(0, |u| {
+                    u.user.len() + u.host.len() + u.group.len() + u.version.len()
+                })
+        }
+        Event::Leave { nick, .. } | Event::Away { nick, .. } => nick.len(),
         Event::Notice(text) => text.len(),
         _ => 0,
     }
@@ -168,6 +195,9 @@ pub enum Topic {
     Unauthenticated,
     /// The peers table is full of peers we are talking to.
     TableFull,
+    IpmsgMalformed(IpmsgMalformed),
+    /// An IP Messenger peer said it was leaving and then spoke again.
+    ForgedExit,
 }
 
 #[derive(Debug)]
@@ -284,6 +314,7 @@ mod tests {
             from: addr(1),
             nick: None,
             text: "x".repeat(65_536),
+            protocol: Protocol::Plain,
         };
         let mut taken = 0;
         while q.offer(addr(1), big()) {

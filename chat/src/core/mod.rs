@@ -18,6 +18,7 @@
 //!   the user's queue per source and in all, and one notice per interval for repeated junk.
 
 pub mod events;
+pub mod ipmsg;
 pub mod peers;
 pub mod recv;
 pub mod send;
@@ -32,11 +33,13 @@ use ring::{digest, hmac};
 use crate::seal::{self, Key, RunKey};
 use crate::wire::{self, Body, Datagram, Kind, Packet, Refusal};
 use events::{EventQueue, Tally, Topic};
+use ipmsg::Ipmsg;
 use peers::{Peers, Verified};
 use recv::Offer;
 use send::{Busy, Timing};
 
-pub use events::{Event, Protocol};
+pub use events::{Event, IpmsgUser, Protocol};
+pub use ipmsg::IpmsgConfig;
 
 /// IPv4 multicast group for discovery (administratively scoped).
 pub const MULTICAST_V4: Ipv4Addr = Ipv4Addr::new(239, 255, 75, 84);
@@ -100,6 +103,8 @@ pub struct Config {
     /// Announcements by broadcast and multicast after the two at start.
     pub announce_every: Duration,
     pub expire_after: Duration,
+    /// Speak IP Messenger too (on its own socket); `None` for not.
+    pub ipmsg: Option<IpmsgConfig>,
 }
 
 impl Default for Config {
@@ -114,8 +119,17 @@ impl Default for Config {
             presence_every: Duration::from_secs(30),
             announce_every: Duration::from_secs(120),
             expire_after: Duration::from_secs(95),
+            ipmsg: None,
         }
     }
+}
+
+/// Which socket a datagram goes out on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Chat,
+    /// The IP Messenger socket (port 2425): peers answer to the port they know.
+    Ipmsg,
 }
 
 /// A datagram to send.
@@ -123,6 +137,7 @@ impl Default for Config {
 pub struct Transmit {
     pub to: SocketAddr,
     pub bytes: Vec<u8>,
+    pub via: Via,
 }
 
 /// How a message was sent.
@@ -150,6 +165,13 @@ pub enum SendError {
     Unreachable(SocketAddr),
     #[error("{0} was a chat peer and is not answering; greeting it again; not sent")]
     Gone(SocketAddr),
+    #[error("message is {len} bytes in {encoding} for IP Messenger peer {to}, which takes {max} in one packet; not sent")]
+    TooLongForIpmsg {
+        to: SocketAddr,
+        len: usize,
+        max: usize,
+        encoding: &'static str,
+    },
 }
 
 /// How a greeting by hand went.
@@ -161,17 +183,65 @@ pub enum Greeting {
     Chat,
     /// The address sent plain text: it gets nothing but the user's text.
     Plain,
+    /// The address answered as an IP Messenger client.
+    Ipmsg,
     Refused(Refusal),
     Unreachable,
     /// Every greeting went unanswered.
     Unanswered,
 }
 
+/// A greeting by hand (chat's hello, or IP Messenger's entry) being sent.
 #[derive(Debug)]
 struct Hello {
     sent: usize,
     next_at: Instant,
     state: Greeting,
+}
+
+/// The greetings to send now, each scheduled for its next send; one sent [`HELLO_WAITS`]
+/// times and waited on is unanswered.
+fn hellos_due(hellos: &mut BTreeMap<SocketAddr, Hello>, now: Instant) -> Vec<SocketAddr> {
+    let mut due = Vec::new();
+    for (addr, h) in hellos.iter_mut() {
+        if h.state != Greeting::Pending || h.next_at > now {
+            continue;
+        }
+        if h.sent >= HELLO_WAITS.len() {
+            h.state = Greeting::Unanswered;
+            continue;
+        }
+        h.next_at = now + HELLO_WAITS[h.sent];
+        h.sent += 1;
+        due.push(*addr);
+    }
+    due
+}
+
+/// Starts greeting `addr`, within [`HELLOS`]: a full table gives up a greeting that has
+/// ended, never one under way (false then, and nothing is started).
+fn begin_hello(hellos: &mut BTreeMap<SocketAddr, Hello>, addr: SocketAddr, now: Instant) -> bool {
+    if hellos.len() >= HELLOS && !hellos.contains_key(&addr) {
+        let ended = hellos
+            .iter()
+            .find(|(_, h)| h.state != Greeting::Pending)
+            .map(|(a, _)| *a);
+        match ended {
+            Some(a) => {
+                hellos.remove(&a);
+            }
+            None => return false,
+        }
+    }
+    hellos.insert(
+        addr,
+        Hello {
+            sent: 0,
+            next_at: now,
+            state: Greeting::Pending,
+        },
+    );
+    true
 }
 
 /// Counters, shown by `/stats` and `/who`.
@@ -215,6 +285,7 @@ pub struct PeerInfo {
     pub nick: Option<String>,
     pub protocol: Protocol,
     pub last_seen: Duration,
+    pub ipmsg: Option<IpmsgUser>,
 }
 
 /// What the core holds, for bounds checks.
@@ -229,6 +300,8 @@ pub struct Memory {
     pub tally: usize,
     pub hellos: usize,
     pub sending: usize,
+    pub ipmsg_users: usize,
+    pub ipmsg_waiting: usize,
 }
 
 /// What we know of a source address, for rate limits.
@@ -281,6 +354,7 @@ pub struct Core {
     announced: u32,
     wakeup: Instant,
     stats: Stats,
+    ipmsg: Option<Ipmsg>,
 }
 
 impl std::fmt::Debug for Core {
@@ -342,6 +416,7 @@ impl Core {
             announced: 0,
             wakeup: now,
             stats: Stats::default(),
+            ipmsg: config.ipmsg.clone().map(|c| Ipmsg::new(c, now)),
             config,
         }
     }
@@ -374,6 +449,8 @@ impl Core {
             tally: self.tally.len(),
             hellos: self.hellos.len(),
             sending: self.peers.runs().map(|r| r.out.pending()).sum(),
+            ipmsg_users: self.ipmsg.as_ref().map_or(0, Ipmsg::len),
+            ipmsg_waiting: self.ipmsg.as_ref().map_or(0, Ipmsg::waiting),
         }
     }
 
@@ -437,6 +514,7 @@ impl Core {
                 nick: Some(r.nick.clone()),
                 protocol: Protocol::Chat,
                 last_seen: now.saturating_duration_since(r.last_heard),
+                ipmsg: None,
             })
             .chain(self.peers.plains().map(|(addr, p)| PeerInfo {
                 addr,
@@ -444,7 +522,9 @@ impl Core {
                 nick: None,
                 protocol: Protocol::Plain,
                 last_seen: now.saturating_duration_since(p.last_heard),
+                ipmsg: None,
             }))
+            .chain(self.ipmsg_peers(now))
             .collect();
         out.sort_by_key(|p| p.last_seen);
         out
@@ -462,6 +542,9 @@ impl Core {
         if self.peers.run_at(addr).is_some() {
             return Some(Greeting::Chat);
         }
+        if self.is_ipmsg(addr) {
+            return self.ipmsg_greeting(addr);
+        }
         self.hellos.get(&addr).map(|h| h.state)
     }
 
@@ -476,6 +559,9 @@ impl Core {
     /// a few times until it answers. An address known to speak plain text gets nothing.
     pub fn greet(&mut self, now: Instant, addr: SocketAddr) {
         let addr = canonical(addr);
+        if self.is_ipmsg(addr) {
+            return self.ipmsg_greet(now, addr);
+        }
         if let Some(i) = self.peers.run_at(addr) {
             if let Some(run) = self.peers.run_mut(i) {
                 run.by_hand = true;
@@ -494,33 +580,15 @@ impl Core {
         if self.peers.plain(addr).is_some() || self.hellos.get(&addr).is_some_and(pending) {
             return;
         }
-        if self.hellos.len() >= HELLOS && !self.hellos.contains_key(&addr) {
-            let ended = self
-                .hellos
-                .iter()
-                .find(|(_, h)| h.state != Greeting::Pending)
-                .map(|(a, _)| *a);
-            match ended {
-                Some(a) => {
-                    self.hellos.remove(&a);
-                }
-                None => return,
-            }
+        if begin_hello(&mut self.hellos, addr, now) {
+            self.handle_timeout(now);
         }
-        self.hellos.insert(
-            addr,
-            Hello {
-                sent: 0,
-                next_at: now,
-                state: Greeting::Pending,
-            },
-        );
-        self.handle_timeout(now);
     }
 
     pub fn set_nick(&mut self, now: Instant, nick: &str) {
         self.nick = wire::truncate_nick(nick).to_string();
         self.presence(now);
+        self.ipmsg_absence(now);
     }
 
     /// Sends `text` to `to`: reliably to a chat peer (at the address it is listed under), as
@@ -529,6 +597,9 @@ impl Core {
         let to = canonical(to);
         if text.len() > wire::MAX_TEXT {
             return Err(SendError::TooLong(text.len()));
+        }
+        if self.is_ipmsg(to) {
+            return self.ipmsg_send(now, to, text);
         }
         if let Some(instance) = self.peers.run_at(to) {
             return self.send_reliable(now, instance, text);
@@ -559,6 +630,7 @@ impl Core {
         self.transmits.push_back(Transmit {
             to,
             bytes: text.as_bytes().to_vec(),
+            via: Via::Chat,
         });
         Ok(Sent::Plain)
     }
@@ -603,6 +675,7 @@ impl Core {
     /// Nothing listens at `addr`: an ICMP port unreachable arrived (on a connected socket).
     pub fn handle_unreachable(&mut self, _now: Instant, addr: SocketAddr) {
         let addr = canonical(addr);
+        self.ipmsg_unreachable(addr);
         if let Some(h) = self.hellos.get_mut(&addr) {
             if matches!(h.state, Greeting::Pending | Greeting::Unanswered) {
                 h.state = Greeting::Unreachable;
@@ -612,13 +685,14 @@ impl Core {
     }
 
     /// Says goodbye to every peer, directly and by announcement.
-    pub fn stop(&mut self, _now: Instant) {
+    pub fn stop(&mut self, now: Instant) {
         let runs: Vec<(SocketAddr, u64)> =
             self.peers.runs().map(|r| (r.listed, r.instance)).collect();
         for (to, instance) in runs {
             self.send_packet(to, &Packet::bye(self.instance, instance), Form::Binary);
         }
         self.announce(Kind::Bye);
+        self.ipmsg_exit(now);
     }
 
     /// Does what is due at `now`: retransmissions, pings, greetings, presence,
@@ -644,13 +718,7 @@ impl Core {
             self.next_presence = now + self.config.presence_every;
             self.presence(now);
         }
-        let due: Vec<SocketAddr> = self
-            .hellos
-            .iter()
-            .filter(|(_, h)| h.state == Greeting::Pending && h.next_at <= now)
-            .map(|(a, _)| *a)
-            .collect();
-        for addr in due {
+        for addr in hellos_due(&mut self.hellos, now) {
             self.send_hello(now, addr);
         }
         self.confirm(now);
@@ -663,6 +731,7 @@ impl Core {
         for instance in busy {
             self.poll_run(now, instance);
         }
+        self.ipmsg_timeout(now);
         self.recompute_wakeup();
     }
 
@@ -765,23 +834,37 @@ impl Core {
             h.state = Greeting::Plain;
         }
         let text = String::from_utf8_lossy(bytes).into_owned();
-        let shown = self.events.offer(
+        self.offer_message(now, from, None, text, Protocol::Plain);
+    }
+
+    /// A message from a sender that does not wait for room (a plain peer, an IPMsg user),
+    /// into its share of the user's queue; false (counted, and told once per interval) when
+    /// the share is full.
+    fn offer_message(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        nick: Option<String>,
+        text: String,
+        protocol: Protocol,
+    ) -> bool {
+        let event = Event::Message {
             from,
-            Event::Message {
-                from,
-                nick: None,
-                text,
-            },
-        );
-        if !shown {
-            self.stats.queue_full += 1;
-            self.trouble(
-                now,
-                Some(from),
-                Topic::Dropped,
-                format!("dropped lines from {from}: it sends faster than they are read"),
-            );
+            nick,
+            text,
+            protocol,
+        };
+        if self.events.offer(from, event) {
+            return true;
         }
+        self.stats.queue_full += 1;
+        self.trouble(
+            now,
+            Some(from),
+            Topic::Dropped,
+            format!("dropped messages from {from}: it sends faster than they are read"),
+        );
+        false
     }
 
     /// One occurrence of repeated trouble: a notice for the first of an interval.
@@ -1018,6 +1101,7 @@ impl Core {
             self.transmits.push_back(Transmit {
                 to,
                 bytes: wire::text_form(Kind::Refused, None, &bytes),
+                via: Via::Chat,
             });
         }
     }
@@ -1040,26 +1124,13 @@ impl Core {
                 if let Some(h) = self.hellos.get_mut(&addr) {
                     h.state = Greeting::Chat;
                 }
-                // One join per address per interval (a restart loop is one line), and a
-                // budget for all of them (a thousand hosts starting at once are a summary).
-                let first_here = self.tally.note(now, Some(addr), Topic::Joins);
-                let show = first_here
-                    && self.joins.try_take(now, 1.0)
-                    && self.events.offer(
-                        addr,
-                        Event::Join {
-                            addr,
-                            nick: nick.to_string(),
-                        },
-                    );
-                if first_here && !show {
-                    self.trouble(
-                        now,
-                        None,
-                        Topic::Joins,
-                        "peers are joining faster than they can be shown; /who lists them".into(),
-                    );
-                }
+                let join = Event::Join {
+                    addr,
+                    nick: nick.to_string(),
+                    protocol: Protocol::Chat,
+                    ipmsg: None,
+                };
+                let show = self.show_join(now, addr, join);
                 let confirm_at = now + self.timing.base;
                 if let Some(run) = self.peers.run_mut(instance) {
                     run.shown = show;
@@ -1079,6 +1150,23 @@ impl Core {
             }
             Verified::Alias | Verified::Known => {}
         }
+    }
+
+    /// Tells the user of a join, true if shown: one join per address per interval (a
+    /// restart loop is one line), and a budget for all of them (a thousand hosts starting at
+    /// once are a summary).
+    fn show_join(&mut self, now: Instant, addr: SocketAddr, join: Event) -> bool {
+        let first_here = self.tally.note(now, Some(addr), Topic::Joins);
+        let show = first_here && self.joins.try_take(now, 1.0) && self.events.offer(addr, join);
+        if first_here && !show {
+            self.trouble(
+                now,
+                None,
+                Topic::Joins,
+                "peers are joining faster than they can be shown; /who lists them".into(),
+            );
+        }
+        show
     }
 
     /// A run is gone (left, expired or replaced by a new run at its address): what we had
@@ -1112,6 +1200,7 @@ impl Core {
                     addr: run.listed,
                     nick: run.nick,
                     expired,
+                    protocol: Protocol::Chat,
                 },
             );
         }
@@ -1202,6 +1291,7 @@ impl Core {
                     from,
                     nick: Some(complete.nick.unwrap_or_else(|| nick.clone())),
                     text: complete.text,
+                    protocol: Protocol::Chat,
                 },
             );
         }
@@ -1289,15 +1379,6 @@ impl Core {
     }
 
     fn send_hello(&mut self, now: Instant, addr: SocketAddr) {
-        let Some(h) = self.hellos.get_mut(&addr) else {
-            return;
-        };
-        if h.sent >= HELLO_WAITS.len() {
-            h.state = Greeting::Unanswered;
-            return;
-        }
-        h.next_at = now + HELLO_WAITS[h.sent];
-        h.sent += 1;
         let hello = Packet::greeting(
             Kind::Hello,
             self.instance,
@@ -1407,7 +1488,11 @@ impl Core {
                 &bytes,
             ),
         };
-        self.transmits.push_back(Transmit { to, bytes });
+        self.transmits.push_back(Transmit {
+            to,
+            bytes,
+            via: Via::Chat,
+        });
     }
 
     // ---- time ----
@@ -1426,7 +1511,7 @@ impl Core {
                     format!("{more} more malformed datagrams from {from} in the last {secs}s")
                 }
                 Topic::Dropped => format!(
-                    "{more} more lines from {from} dropped (read too slowly) in the last {secs}s"
+                    "{more} more messages from {from} dropped (read too slowly) in the last {secs}s"
                 ),
                 Topic::Joins => match source {
                     Some(s) => format!("{more} more runs joined from {s} in the last {secs}s"),
@@ -1440,6 +1525,12 @@ impl Core {
                 Topic::TableFull => {
                     format!("{more} more peers not added (the table is full) in the last {secs}s")
                 }
+                Topic::IpmsgMalformed(_) => format!(
+                    "{more} more malformed IP Messenger packets from {from} in the last {secs}s"
+                ),
+                Topic::ForgedExit => format!(
+                    "{more} more exits from {from} followed by more packets in the last {secs}s"
+                ),
             };
             self.notice(source, text);
         }
@@ -1458,6 +1549,9 @@ impl Core {
             if h.state == Greeting::Pending {
                 next = next.min(h.next_at);
             }
+        }
+        if let Some(t) = self.ipmsg_next_deadline() {
+            next = next.min(t);
         }
         for run in self.peers.runs() {
             if let Some(t) = run.out.next_timer(self.timing) {

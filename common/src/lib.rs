@@ -7,8 +7,10 @@
 //! [`stdin`] and [`output`], and nowhere else.
 
 pub mod blocking;
+pub mod dir;
 mod error;
 pub mod http;
+pub mod names;
 pub mod output;
 pub mod rate;
 pub mod runtime;

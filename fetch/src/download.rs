@@ -1,7 +1,7 @@
 //! One entry of the list, from name to verified file: claiming a name (the same URL twice in
 //! a list is one download), deciding how to resume, the exchange, streaming to `.part`,
 //! retries with backoff across mirrors, verification, and the final rename. What to do with
-//! each answer is decided by `resume::decide`; files are touched only through `files::Dir`.
+//! each answer is decided by `resume::decide`; files are touched only through a `Dir` (see `files`).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -15,7 +15,7 @@ use may::sync::SyncFlag;
 use ring::digest;
 
 use crate::exchange::{self, Failure};
-use crate::files::{Dir, FileError, Kind};
+use crate::files::{self, Dir, FileError, Kind};
 use crate::input::Entry;
 use crate::naming::{self, SafeName};
 use crate::report::{Outcome, Record, Reporter};
@@ -142,7 +142,9 @@ impl Context {
     /// its own. Only a name fetch could have given is taken: the file is the user's to edit.
     fn remembered_name(&self, dir: &Dir, url: &str) -> Option<String> {
         let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-        let table = names.entry(dir.path("")).or_insert_with(|| dir.names());
+        let table = names
+            .entry(dir.path(""))
+            .or_insert_with(|| files::names(dir));
         table
             .get(&resume::url_hash(url))
             .filter(|name| !naming::sanitize(name).changed)
@@ -152,9 +154,11 @@ impl Context {
     /// Remembers that `url` is saved as `name` in `dir`, for later lines and runs.
     fn remember_name(&self, dir: &Dir, url: &str, name: &str) -> Result<(), Failure> {
         let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-        let table = names.entry(dir.path("")).or_insert_with(|| dir.names());
+        let table = names
+            .entry(dir.path(""))
+            .or_insert_with(|| files::names(dir));
         table.insert(resume::url_hash(url), name.to_string());
-        dir.remember_name(url, name)?;
+        files::remember_name(dir, url, name)?;
         Ok(())
     }
 
@@ -231,7 +235,7 @@ impl Context {
             // never touched.
             let own = |name: &str, kind: Kind| match kind {
                 Kind::Missing => Some(None),
-                _ => match dir.state(name) {
+                _ => match files::state(dir, name) {
                     StateRecord::Valid(s) if s.belongs_to(url) => Some(Some(s)),
                     _ => None,
                 },
@@ -345,7 +349,7 @@ impl Claim<'_> {
 
     /// Removes a partial file of this URL left beside a complete file just made.
     fn remove_stale_part(&self, url: &str) {
-        if let StateRecord::Valid(s) = self.dir.state(&self.part) {
+        if let StateRecord::Valid(s) = files::state(self.dir, &self.part) {
             if s.belongs_to(url) {
                 self.dir.remove(&self.part);
             }
@@ -753,7 +757,7 @@ fn attempt<'a>(
             if length.is_some_and(|l| l <= SMALL_BODY) {
                 return receive_small(ctx, entry, claim, rsp, state, hashing, record);
             }
-            let mut file = claim.dir.create_with_state(&claim.part, &state)?;
+            let mut file = files::create_part(claim.dir, &claim.part, &state)?;
             claim.state = Some(state);
             remember_numbered(ctx, claim, &entry.urls[0])?;
             let hashing = receive(ctx, claim, &mut file, rsp, length, hashing, deadline)?;
@@ -834,10 +838,10 @@ fn receive_small(
     if let Some(want) = &entry.sha256 {
         record.sha256 = Some(check_digest(hashing, want)?);
     }
-    if claim.dir.link_new(&claim.name, &body, &state)? {
+    if files::link_new(claim.dir, &claim.name, &body, &state)? {
         claim.remove_stale_part(&entry.urls[0]);
     } else {
-        let mut file = claim.dir.create_with_state(&claim.part, &state)?;
+        let mut file = files::create_part(claim.dir, &claim.part, &state)?;
         file.write_all(&body)
             .map_err(disk("writing", &claim.dir.path(&claim.part)))?;
         claim.dir.rename_file(&file, &claim.part, &claim.name)?;
@@ -951,7 +955,7 @@ fn finish(
     }
     state.complete = true;
     state.length = Some(size);
-    claim.dir.set_state(&file, &claim.part, &state)?;
+    files::set_state(claim.dir, &file, &claim.part, &state)?;
     claim.dir.rename_file(&file, &claim.part, &claim.name)?;
     claim.state = Some(state);
     Ok(())

@@ -202,9 +202,11 @@ pub enum RunError {
 /// Downloads every entry of `list` and returns the totals. Stops early, keeping partial
 /// files, when `shutdown` is requested.
 pub fn run(mut options: Options, list: Lines, shutdown: Shutdown) -> Result<Summary, RunError> {
-    let root = files::Dir::create(&options.output).map_err(|source| RunError::OutputDir {
-        path: options.output.clone(),
-        source,
+    let root = files::Dir::create(&options.output, files::OWNER).map_err(|source| {
+        RunError::OutputDir {
+            path: options.output.clone(),
+            source,
+        }
     })?;
     // fetch follows redirects itself, checking each one (see `exchange`).
     options.http.max_redirects = 0;

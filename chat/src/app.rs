@@ -7,6 +7,7 @@ use std::io::{self, IsTerminal};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -15,11 +16,13 @@ use corokit_common::text::{escape, json_line};
 use corokit_common::Shutdown;
 
 use crate::command::{self, Command, HELP};
-use crate::core::{Config, Discovery, Event, Greeting, IpmsgConfig, Protocol, Sent};
+use crate::core::{Config, Discovery, Event, Greeting, IpmsgConfig, Protocol, Sent, Via};
 use crate::ipmsg::charset;
 use crate::node::{Events, Node};
 use crate::seal::Key;
-use crate::{remembered, render};
+use crate::transfer::receive::Asker;
+use crate::transfer::{Happening, Transfers};
+use crate::{remembered, render, sharing};
 
 /// What both `chat` and `chat send` are told.
 #[derive(Debug, Clone, Default)]
@@ -37,6 +40,8 @@ pub struct Options {
     pub group: Option<String>,
     /// `--ipmsg-encoding`: for IP Messenger peers that do not say.
     pub ipmsg_encoding: Option<String>,
+    /// `--downloads`: where received files go without a directory given.
+    pub downloads: Option<PathBuf>,
 }
 
 /// Whether to speak IP Messenger.
@@ -63,7 +68,7 @@ impl Options {
     /// The IP Messenger settings, checked before anything is bound.
     fn ipmsg_config(&self, keyed: bool) -> anyhow::Result<IpmsgConfig> {
         let legacy = match &self.ipmsg_encoding {
-            Some(name) => charset::by_name(name).with_context(|| {
+            Some(name) => charset::by_name(name).filter(charset::usable).with_context(|| {
                 format!(
                     "--ipmsg-encoding {:?} is not an encoding (try cp932, gbk, gb18030, big5, euc-kr, utf-8)",
                     escape(name)
@@ -266,7 +271,19 @@ fn config(
 
 /// `chat send HOST:PORT TEXT`: 0 once a chat peer acknowledged it or a plain peer was sent
 /// it; 1 when it was not accepted (nothing listening, refused, never acknowledged).
-pub fn send_one(opts: &Options, to: &str, text: &str) -> anyhow::Result<ExitCode> {
+/// What `chat send` sends: a line, or files (with an optional line) and how long to wait for
+/// the peer to fetch them.
+#[derive(Debug, Clone, Default)]
+pub struct OneShot {
+    pub text: Option<String>,
+    pub files: Vec<PathBuf>,
+    pub wait: Duration,
+}
+
+pub fn send_one(opts: &Options, to: &str, shot: &OneShot) -> anyhow::Result<ExitCode> {
+    if shot.text.is_none() && shot.files.is_empty() {
+        bail!("give a TEXT to send, or --file PATH");
+    }
     let key = load_key(opts.key_file.as_deref())?;
     let keyed = key.is_some();
     let ipmsg = opts.speaks_ipmsg(keyed);
@@ -301,9 +318,18 @@ pub fn send_one(opts: &Options, to: &str, text: &str) -> anyhow::Result<ExitCode
         .unwrap_or(&socket)
         .connect(to)
         .with_context(|| format!("cannot send to {to}"))?;
+    let served_from = ipmsg_socket.as_ref().unwrap_or(&socket).local_addr()?;
+    let transfer_key = key.clone();
     let (node, events) = Node::start(socket, ipmsg_socket, config(opts, key, None, ipmsg_config))?;
     node.greet(to);
     node.wait_for_greeting(to, Duration::from_secs(2));
+    if !shot.files.is_empty() {
+        let via = if to_ipmsg { Via::Ipmsg } else { Via::Chat };
+        let outcome = send_files(&node, events, transfer_key, to, served_from, via, shot);
+        node.stop();
+        return outcome;
+    }
+    let text = shot.text.as_deref().unwrap_or_default();
     let outcome = match node.send(to, text) {
         Err(e) => {
             eprintln!("chat: {e}");
@@ -341,6 +367,75 @@ pub fn send_one(opts: &Options, to: &str, text: &str) -> anyhow::Result<ExitCode
     };
     node.stop();
     Ok(outcome)
+}
+
+/// `chat send --file`: offers the files and waits until the peer fetched every one (0), or
+/// declined them or did not fetch them in time (1).
+fn send_files(
+    node: &Node,
+    events: Events,
+    key: Option<Key>,
+    to: SocketAddr,
+    served_from: SocketAddr,
+    via: Via,
+    shot: &OneShot,
+) -> anyhow::Result<ExitCode> {
+    let (tx, happened) = may::sync::mpsc::channel();
+    let sink: crate::transfer::Sink = Arc::new(move |h| {
+        let _ = tx.send(h);
+    });
+    let sealed = key.is_some() && via == Via::Chat;
+    let transfers = Transfers::new(
+        node.clone(),
+        key,
+        Asker {
+            user: std::env::var("USER").unwrap_or_else(|_| "user".into()),
+            host: hostname(),
+        },
+        PathBuf::from("."),
+        sink,
+    );
+    if let Some(notice) = sharing::serve(&transfers, served_from, via, sealed) {
+        bail!("{notice}");
+    }
+    // The node's events go to the transfers (a decline arrives as one).
+    {
+        let transfers = transfers.clone();
+        corokit_common::spawn(move || {
+            while let Some(e) = events.recv() {
+                transfers.on_event(&e);
+            }
+        })?;
+    }
+    let packet = match transfers.offer(to, &shot.files, shot.text.as_deref().unwrap_or_default()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("chat: {}", escape(&e.to_string()));
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let until = std::time::Instant::now() + shot.wait;
+    loop {
+        let Some(left) = until.checked_duration_since(std::time::Instant::now()) else {
+            eprintln!("chat: {to} did not fetch the files within {:?}", shot.wait);
+            return Ok(ExitCode::from(1));
+        };
+        let Ok(h) = happened.recv_timeout(corokit_common::wait_limit(left)) else {
+            continue;
+        };
+        match h {
+            Happening::Served {
+                packet: p,
+                all: true,
+                ..
+            } if p == packet => return Ok(ExitCode::SUCCESS),
+            Happening::Declined { packet: p, .. } if p == packet => {
+                eprintln!("chat: {to} declined the files");
+                return Ok(ExitCode::from(1));
+            }
+            _ => {}
+        }
+    }
 }
 
 /// The first event matching `want` within `limit`.
@@ -411,6 +506,7 @@ pub fn run(opts: &Options, session: Session) -> anyhow::Result<ExitCode> {
         },
     };
     let ipmsg_addr = ipmsg_socket.as_ref().and_then(|s| s.local_addr().ok());
+    let transfer_key = key.clone();
     let (node, events) = Node::start(
         socket,
         ipmsg_socket,
@@ -494,7 +590,23 @@ pub fn run(opts: &Options, session: Session) -> anyhow::Result<ExitCode> {
             }
         ));
     }
-    if let Some(text) = ipmsg_notice {
+    // Files: served on TCP beside each UDP socket, received into --downloads.
+    let transfers = Transfers::new(
+        node.clone(),
+        transfer_key,
+        Asker {
+            user: std::env::var("USER").unwrap_or_else(|_| "user".into()),
+            host: hostname(),
+        },
+        opts.downloads.clone().unwrap_or_else(|| PathBuf::from(".")),
+        sharing::sink(out.clone(), session.json),
+    );
+    let mut notices: Vec<String> = ipmsg_notice.into_iter().collect();
+    notices.extend(sharing::serve(&transfers, local, Via::Chat, encrypted));
+    if let Some(addr) = ipmsg_addr {
+        notices.extend(sharing::serve(&transfers, addr, Via::Ipmsg, false));
+    }
+    for text in notices {
         let event = Event::Notice(text);
         let line = match session.json {
             true => render::json(&event, &render::clock()),
@@ -506,8 +618,12 @@ pub fn run(opts: &Options, session: Session) -> anyhow::Result<ExitCode> {
     // Showing what arrives: its own coroutine, so input never waits for output.
     {
         let (out, log, json) = (out.clone(), log.clone(), session.json);
+        let transfers = transfers.clone();
         corokit_common::spawn(move || {
             while let Some(event) = events.recv() {
+                if transfers.on_event(&event) {
+                    continue;
+                }
                 if let Event::Message {
                     from, nick, text, ..
                 } = &event
@@ -535,6 +651,13 @@ pub fn run(opts: &Options, session: Session) -> anyhow::Result<ExitCode> {
             log: log.clone(),
             dest: by_hand.first().copied(),
             bare_port,
+            files: sharing::Files {
+                transfers: transfers.clone(),
+                node: node.clone(),
+                out: out.clone(),
+                bare_port,
+            },
+            keyed: encrypted,
         };
         let shutdown = shutdown.clone();
         corokit_common::spawn(move || {
@@ -579,6 +702,9 @@ struct Input {
     dest: Option<SocketAddr>,
     /// The port a host given without one gets (IP Messenger's, when spoken).
     bare_port: Option<u16>,
+    files: sharing::Files,
+    /// This chat has a key.
+    keyed: bool,
 }
 
 /// What `/away` says to IP Messenger users who write meanwhile.
@@ -633,6 +759,11 @@ impl Input {
                 self.node.set_away(None);
                 self.out.line("chat: back".into());
             }
+            Command::Send { to, paths } => self.files.send(&to, &paths),
+            Command::Files => self.files.list(),
+            Command::Get { id, dir } => self.files.get(id, dir.as_deref()),
+            Command::Decline(id) => self.files.decline(id),
+            Command::Withdraw(packet) => self.files.withdraw(packet),
             Command::All(text) => self.send_all(text),
             Command::Msg { nick, text } => self.send_nick(nick, text),
             Command::Say(text) => match self.dest {
@@ -665,7 +796,14 @@ impl Input {
     }
 
     fn send_all(&self, text: &str) {
-        let peers = self.node.peers();
+        // With a key, a line for everyone stays sealed: IP Messenger users (cleartext,
+        // unauthenticated) get only what is sent to them by name or address.
+        let peers: Vec<_> = self
+            .node
+            .peers()
+            .into_iter()
+            .filter(|p| !self.keyed || !matches!(p.protocol, Protocol::Ipmsg { .. }))
+            .collect();
         if peers.is_empty() {
             self.out
                 .line("chat: nobody to send to yet: use /to HOST:PORT".into());
@@ -676,11 +814,18 @@ impl Input {
     }
 
     fn send_nick(&self, nick: &str, text: &str) {
-        let matches: Vec<SocketAddr> = self
+        let named: Vec<_> = self
             .node
             .peers()
             .into_iter()
             .filter(|p| p.protocol != Protocol::Plain && p.nick.as_deref() == Some(nick))
+            .collect();
+        // A chat peer of that name wins over an IP Messenger user of the same name: anyone
+        // can call itself anything in IP Messenger, and its text goes in clear.
+        let chat = named.iter().any(|p| p.protocol == Protocol::Chat);
+        let matches: Vec<SocketAddr> = named
+            .iter()
+            .filter(|p| !chat || p.protocol == Protocol::Chat)
             .map(|p| p.addr)
             .collect();
         if matches.is_empty() {

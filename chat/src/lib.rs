@@ -12,7 +12,9 @@ pub mod node;
 pub mod remembered;
 pub mod render;
 pub mod seal;
+pub mod sharing;
 pub mod terminal;
+pub mod transfer;
 pub mod wire;
 
 pub use crate::core::{Config, Event, Sent};

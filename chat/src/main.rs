@@ -86,6 +86,9 @@ struct Common {
     /// utf-8, …) [default: gb18030 in a Chinese locale, else cp932].
     #[arg(long, value_name = "NAME")]
     ipmsg_encoding: Option<String>,
+    /// Where /get saves files when no directory is given [default: the current directory].
+    #[arg(long, value_name = "DIR")]
+    downloads: Option<PathBuf>,
 }
 
 impl Common {
@@ -105,6 +108,7 @@ impl Common {
             ipmsg_port: self.ipmsg_port,
             group: self.group.clone(),
             ipmsg_encoding: self.ipmsg_encoding.clone(),
+            downloads: self.downloads.clone(),
         }
     }
 }
@@ -117,7 +121,14 @@ enum Command {
     Send {
         #[arg(value_name = "HOST:PORT")]
         to: String,
-        text: String,
+        text: Option<String>,
+        /// Offer this file or directory (repeatable) and exit 0 once the peer fetched every
+        /// one, 1 if it declined or did not within --wait.
+        #[arg(long = "file", value_name = "PATH")]
+        files: Vec<PathBuf>,
+        /// Seconds to wait for the peer to fetch the files.
+        #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+        wait: u64,
         #[command(flatten)]
         common: Common,
     },
@@ -127,7 +138,21 @@ fn main() -> ExitCode {
     let args = Args::parse();
     corokit_common::RuntimeConfig::with_workers(1).init();
     let result = match &args.command {
-        Some(Command::Send { to, text, common }) => app::send_one(&common.options(), to, text),
+        Some(Command::Send {
+            to,
+            text,
+            files,
+            wait,
+            common,
+        }) => app::send_one(
+            &common.options(),
+            to,
+            &app::OneShot {
+                text: text.clone(),
+                files: files.clone(),
+                wait: Duration::from_secs(*wait),
+            },
+        ),
         None => app::run(
             &args.common.options(),
             Session {

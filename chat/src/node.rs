@@ -17,6 +17,7 @@ use ring::rand::SecureRandom;
 use crate::core::{
     self, Config, Core, Event, Greeting, IpmsgUser, PeerInfo, SendError, Sent, Stats, Via,
 };
+use crate::transfer::offer::OfferedFile;
 
 /// The address families a socket speaks, so the ones announced to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -406,6 +407,25 @@ impl Node {
                 other => return other,
             }
         }
+    }
+
+    /// Offers `files` to `to` (see [`Core::send_offer`]): how it was sent, and the offer's
+    /// packet number.
+    pub fn send_offer(
+        &self,
+        to: SocketAddr,
+        text: &str,
+        files: &[OfferedFile],
+    ) -> Result<(Sent, u64), SendError> {
+        self.with_core(|c, now| c.send_offer(now, to, text, files))
+    }
+
+    pub fn decline_offer(&self, to: SocketAddr, packet: u64) -> Result<(), SendError> {
+        self.with_core(|c, now| c.decline_offer(now, to, packet))
+    }
+
+    pub fn withdraw_offer(&self, to: SocketAddr, packet: u64) -> Result<(), SendError> {
+        self.with_core(|c, now| c.withdraw_offer(now, to, packet))
     }
 
     /// Says goodbye to every peer and stops the node's coroutines.

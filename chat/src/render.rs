@@ -8,6 +8,8 @@ use corokit_common::text::{escape, json_line};
 use serde_json::json;
 
 use crate::core::{Event, IpmsgUser, PeerInfo, Protocol};
+use crate::transfer::offer::OfferedFile;
+use crate::transfer::Happening;
 
 /// The time of day shown with each line.
 pub fn clock() -> String {
@@ -85,19 +87,24 @@ pub fn text(event: &Event, clock: &str) -> Option<String> {
             who_by(Some(nick), *addr, *protocol),
             ipmsg.as_ref().map(ipmsg_details).unwrap_or_default()
         ),
-        Event::Away { addr, nick, away } => format!(
+        Event::Away {
+            addr,
+            nick,
+            away,
+            protocol,
+        } => format!(
             "[{clock}] * {} is {}",
-            who(Some(nick), *addr),
+            who_by(Some(nick), *addr, *protocol),
             if *away { "away" } else { "back" }
         ),
         Event::Leave {
             addr,
             nick,
             expired,
-            ..
+            protocol,
         } => format!(
             "[{clock}] * {} {}",
-            who(Some(nick), *addr),
+            who_by(Some(nick), *addr, *protocol),
             if *expired { "went silent" } else { "left" }
         ),
         Event::NotDelivered { to, nick, text, .. } => format!(
@@ -110,7 +117,11 @@ pub fn text(event: &Event, clock: &str) -> Option<String> {
         }
         Event::Unreachable { to } => format!("[{clock}] ! nothing is listening at {to}"),
         Event::Notice(text) => format!("[{clock}] ! {}", escape(text)),
-        Event::Delivered { .. } => return None,
+        // Told as what the transfers make of them (see `happening_text`).
+        Event::Delivered { .. }
+        | Event::FileOffer { .. }
+        | Event::OfferDeclined { .. }
+        | Event::OfferWithdrawn { .. } => return None,
     })
 }
 
@@ -147,17 +158,28 @@ pub fn json(event: &Event, clock: &str) -> Option<String> {
             }
             marked(v, *protocol)
         }
-        Event::Away { addr, nick, away } => json!({
+        Event::Away {
+            addr,
+            nick,
+            away,
+            protocol,
+        } => marked(
+            json!({
             "event": "away", "time": clock, "from": addr.to_string(), "nick": nick,
-            "away": away, "protocol": "ipmsg" }),
+            "away": away, "protocol": protocol_name(*protocol) }),
+            *protocol,
+        ),
         Event::Leave {
             addr,
             nick,
             expired,
             protocol,
-        } => json!({
+        } => marked(
+            json!({
             "event": "leave", "time": clock, "from": addr.to_string(), "nick": nick,
             "expired": expired, "protocol": protocol_name(*protocol) }),
+            *protocol,
+        ),
         Event::NotDelivered { to, nick, text, .. } => json!({
             "event": "not_delivered", "time": clock, "to": to.to_string(), "nick": nick,
             "text": text }),
@@ -167,9 +189,148 @@ pub fn json(event: &Event, clock: &str) -> Option<String> {
             json!({ "event": "unreachable", "time": clock, "to": to.to_string() })
         }
         Event::Notice(text) => json!({ "event": "notice", "time": clock, "text": text }),
-        Event::Delivered { .. } => return None,
+        Event::Delivered { .. }
+        | Event::FileOffer { .. }
+        | Event::OfferDeclined { .. }
+        | Event::OfferWithdrawn { .. } => return None,
     };
     Some(json_line(&value))
+}
+
+fn size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} bytes"),
+    }
+}
+
+fn file_list(files: &[OfferedFile]) -> String {
+    files
+        .iter()
+        .map(|f| match f.is_dir() {
+            true => format!("{}/ (directory)", escape(&f.name)),
+            false => format!("{} ({})", escape(&f.name), size(f.size)),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A line about files for a person.
+pub fn happening_text(h: &Happening, clock: &str) -> String {
+    match h {
+        Happening::Offered {
+            id,
+            from,
+            nick,
+            protocol,
+            text,
+            files,
+        } => {
+            let said = if text.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", escape(text))
+            };
+            format!(
+                "[{clock}] ↓ #{id} {} offers {}{said} (/get {id}, /decline {id})",
+                who_by(nick.as_deref(), *from, *protocol),
+                file_list(files)
+            )
+        }
+        Happening::Progress {
+            id,
+            name,
+            bytes,
+            size: total,
+        } => format!(
+            "[{clock}] ↓ #{id} {}: {} of {} ({}%)",
+            escape(name),
+            size(*bytes),
+            size(*total),
+            if *total == 0 {
+                100
+            } else {
+                bytes * 100 / total
+            }
+        ),
+        Happening::Done { id, name, path, .. } => format!(
+            "[{clock}] ↓ #{id} {} saved as {}",
+            escape(name),
+            escape(&path.to_string_lossy())
+        ),
+        Happening::Failed { id, name, error } => {
+            format!("[{clock}] ! #{id} {}: {}", escape(name), escape(error))
+        }
+        Happening::Served { to, name, all, .. } => format!(
+            "[{clock}] ↑ {to} has {}{}",
+            escape(name),
+            if *all {
+                " (every file of the offer)"
+            } else {
+                ""
+            }
+        ),
+        Happening::Declined { from, .. } => format!("[{clock}] ! {from} declined the files"),
+        Happening::Withdrawn { id, from } => {
+            format!("[{clock}] ! {from} withdrew offer #{id}")
+        }
+    }
+}
+
+/// A JSON line about files for a program.
+pub fn happening_json(h: &Happening, clock: &str) -> String {
+    let files = |files: &[OfferedFile]| -> Vec<serde_json::Value> {
+        files
+            .iter()
+            .map(|f| json!({ "name": f.name, "size": f.size, "directory": f.is_dir() }))
+            .collect()
+    };
+    let value = match h {
+        Happening::Offered {
+            id,
+            from,
+            nick,
+            protocol,
+            text,
+            files: offered,
+        } => marked(
+            json!({ "event": "file_offer", "time": clock, "id": id, "from": from.to_string(),
+                "nick": nick, "protocol": protocol_name(*protocol), "text": text,
+                "files": files(offered) }),
+            *protocol,
+        ),
+        Happening::Progress {
+            id,
+            name,
+            bytes,
+            size,
+        } => json!({ "event": "file_progress", "time": clock, "id": id, "name": name,
+            "bytes": bytes, "size": size }),
+        Happening::Done {
+            id,
+            name,
+            path,
+            size,
+            fetched,
+        } => json!({ "event": "file_done", "time": clock, "id": id, "name": name,
+            "path": path.to_string_lossy(), "size": size, "fetched": fetched }),
+        Happening::Failed { id, name, error } => json!({ "event": "file_failed", "time": clock,
+            "id": id, "name": name, "error": error }),
+        Happening::Served {
+            packet,
+            to,
+            name,
+            all,
+        } => json!({ "event": "file_sent", "time": clock, "offer": format!("{packet:x}"),
+            "to": to.to_string(), "name": name, "all": all }),
+        Happening::Declined { packet, from } => json!({ "event": "file_declined", "time": clock,
+            "offer": format!("{packet:x}"), "from": from.to_string() }),
+        Happening::Withdrawn { id, from } => json!({ "event": "file_withdrawn", "time": clock,
+            "id": id, "from": from.to_string() }),
+    };
+    json_line(&value)
 }
 
 /// `"unauthenticated": true` on what an IP Messenger peer did, where this chat has a key.

@@ -24,6 +24,7 @@ const ENVELOPE: usize = 6 + 8 + 8;
 pub const OVERHEAD: usize = ENVELOPE + 16;
 
 /// The master key derived from a shared secret.
+#[derive(Clone)]
 pub struct Key {
     prk: hkdf::Prk,
 }
@@ -43,6 +44,12 @@ impl std::fmt::Debug for RunKey {
     }
 }
 
+/// The keys of one file-transfer connection.
+pub struct StreamKeys {
+    pub to_server: LessSafeKey,
+    pub to_client: LessSafeKey,
+}
+
 /// A sealed datagram did not open: wrong key, or altered on the way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("not authentic (wrong key or altered)")]
@@ -52,6 +59,26 @@ impl Key {
     pub fn derive(secret: &[u8]) -> Key {
         Key {
             prk: hkdf::Salt::new(hkdf::HKDF_SHA256, b"corokit chat v2").extract(secret),
+        }
+    }
+
+    /// The keys of one file-transfer connection, one per direction, from both ends' random
+    /// nonces: no two connections share a key, so counters can start at 0 on each.
+    pub fn for_stream(&self, server: &[u8; 16], client: &[u8; 16]) -> StreamKeys {
+        let key = |direction: &[u8]| {
+            let mut bytes = [0u8; 32];
+            self.prk
+                .expand(
+                    &[b"stream key", direction, server, client],
+                    &CHACHA20_POLY1305,
+                )
+                .and_then(|okm| okm.fill(&mut bytes))
+                .expect("32 bytes is a valid HKDF-SHA256 output length");
+            LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &bytes).expect("32-byte key"))
+        };
+        StreamKeys {
+            to_server: key(b"to server"),
+            to_client: key(b"to client"),
         }
     }
 
@@ -68,7 +95,8 @@ impl Key {
     }
 }
 
-fn nonce(counter: u64) -> Nonce {
+/// The nonce of the `counter`-th datagram (or stream frame) under one key.
+pub(crate) fn nonce(counter: u64) -> Nonce {
     let mut n = [0u8; NONCE_LEN];
     n[NONCE_LEN - 8..].copy_from_slice(&counter.to_be_bytes());
     Nonce::assume_unique_for_key(n)

@@ -558,9 +558,9 @@ pub fn fragment_size() -> usize {
     MAX_DATAGRAM - HEADER - MSG_FIELDS - 1 - MAX_NICK - crate::seal::OVERHEAD
 }
 
-/// Splits `text` into fragments of at most `size` bytes, on UTF-8 boundaries.
-pub fn fragments(text: &str, size: usize) -> Vec<&[u8]> {
-    let bytes = text.as_bytes();
+/// Splits a message into fragments of at most `size` bytes, not inside a UTF-8 sequence
+/// (each fragment of a text is text; a control message's leading 0xFF is a byte of its own).
+pub fn fragments(bytes: &[u8], size: usize) -> Vec<&[u8]> {
     if bytes.is_empty() {
         return vec![bytes];
     }
@@ -568,7 +568,7 @@ pub fn fragments(text: &str, size: usize) -> Vec<&[u8]> {
     let mut start = 0;
     while start < bytes.len() {
         let mut end = (start + size).min(bytes.len());
-        while end < bytes.len() && !text.is_char_boundary(end) {
+        while end < bytes.len() && end > start + 1 && bytes[end] & 0xC0 == 0x80 {
             end -= 1;
         }
         out.push(&bytes[start..end]);
@@ -717,7 +717,7 @@ mod tests {
     #[test]
     fn fragments_respect_utf8_and_size() {
         let text = "é".repeat(1000);
-        let parts = fragments(&text, 999);
+        let parts = fragments(text.as_bytes(), 999);
         assert!(parts
             .iter()
             .all(|p| p.len() <= 999 && std::str::from_utf8(p).is_ok()));
@@ -738,6 +738,7 @@ mod tests {
             },
         };
         assert!(longest.encode().len() + crate::seal::OVERHEAD <= MAX_DATAGRAM);
-        assert!(fragments(&"x".repeat(MAX_TEXT), fragment_size()).len() <= MAX_FRAGS as usize);
+        let longest_text = "x".repeat(MAX_TEXT);
+        assert!(fragments(longest_text.as_bytes(), fragment_size()).len() <= MAX_FRAGS as usize);
     }
 }

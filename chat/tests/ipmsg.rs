@@ -90,26 +90,6 @@ impl Peer {
     }
 }
 
-/// A chat speaking IPMsg at 127.0.0.1 on a free port; the port.
-fn chat_with_ipmsg(args: &[&str], env: &[(&str, &str)]) -> (Chat, u16) {
-    for _ in 0..10 {
-        // A port free on 127.0.0.2 is very likely free on 127.0.0.1 too; if not, another.
-        let port = UdpSocket::bind("127.0.0.2:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let p = port.to_string();
-        let mut all = vec!["--ipmsg-port", p.as_str()];
-        all.extend_from_slice(args);
-        let chat = Chat::start_with(&all, env);
-        if !listening_without_ipmsg(&chat.listening) {
-            return (chat, port);
-        }
-    }
-    panic!("no free port for IP Messenger on 127.0.0.1");
-}
-
 fn listening_without_ipmsg(v: &Value) -> bool {
     v["event"] == "listening" && v["ipmsg"].is_null()
 }

@@ -21,7 +21,7 @@ use std::io::{self, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, XattrFlags, CWD};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, XattrFlags, CWD};
 use rustix::io::Errno;
 
 /// Whose states a directory holds: the extended attribute, and the sidecar's suffix where
@@ -380,6 +380,11 @@ impl Dir {
         open_in(self, name, OFlags::WRONLY | OFlags::APPEND, "opening")
     }
 
+    /// Opens the existing `name` to read it and write to it (a partial file continued).
+    pub fn open_rw(&self, name: &str) -> Result<File, FileError> {
+        open_in(self, name, OFlags::RDWR, "opening")
+    }
+
     /// Opens `name` to read it.
     pub fn open(&self, name: &str) -> Result<File, FileError> {
         open_in(self, name, OFlags::RDONLY, "reading")
@@ -413,6 +418,20 @@ impl Dir {
             );
         }
         Ok(())
+    }
+
+    /// Renames the directory `from` to `to`, unless something is at `to` by then: a
+    /// directory received whole gets its name only where nothing stands.
+    pub fn rename_dir_new(&self, from: &str, to: &str) -> Result<(), FileError> {
+        match rustix::fs::renameat_with(&self.fd, from, &self.fd, to, RenameFlags::NOREPLACE) {
+            Ok(()) => Ok(()),
+            Err(Errno::EXIST) | Err(Errno::NOTEMPTY) => Err(FileError::Foreign(self.path(to))),
+            Err(e) => Err(FileError::Io {
+                what: "renaming",
+                path: self.path(from),
+                source: io_err(e),
+            }),
+        }
     }
 
     /// Removes `name`, and its sidecar where states live in sidecars.

@@ -27,15 +27,7 @@ use crate::download::Context;
 use crate::input::Parser;
 use crate::report::{Reporter, Summary};
 
-/// Bytes in lowercase hex.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    bytes
-        .iter()
-        .flat_map(|b| [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 15)]])
-        .map(char::from)
-        .collect()
-}
+pub(crate) use corokit_common::text::hex;
 
 /// Everything the command line can set.
 #[derive(Debug, Clone)]

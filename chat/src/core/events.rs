@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::ipmsg::packet::Malformed as IpmsgMalformed;
 use crate::ipmsg::Client;
+use crate::transfer::offer::OfferedFile;
 use crate::wire::{Malformed, Refusal};
 
 /// Who a peer is, for the user.
@@ -59,11 +60,26 @@ pub enum Event {
         expired: bool,
         protocol: Protocol,
     },
+    /// Files offered to us (`packet` names the offer to the sender), with a message. Names
+    /// are as the sender gave them: escape before showing, make safe before saving.
+    FileOffer {
+        from: SocketAddr,
+        nick: Option<String>,
+        protocol: Protocol,
+        packet: u64,
+        text: String,
+        files: Vec<OfferedFile>,
+    },
+    /// The peer will not take the files we offered under `packet`.
+    OfferDeclined { from: SocketAddr, packet: u64 },
+    /// The peer no longer serves the files it offered under `packet`.
+    OfferWithdrawn { from: SocketAddr, packet: u64 },
     /// An IP Messenger user went away or came back.
     Away {
         addr: SocketAddr,
         nick: String,
         away: bool,
+        protocol: Protocol,
     },
     /// Every fragment of message `id` was delivered to the peer's user.
     Delivered { to: SocketAddr, id: u64 },
@@ -103,6 +119,13 @@ fn cost(event: &Event) -> usize {
                 })
         }
         Event::Leave { nick, .. } | Event::Away { nick, .. } => nick.len(),
+        Event::FileOffer {
+            nick, text, files, ..
+        } => {
+            nick.as_ref().map_or(0, String::len)
+                + text.len()
+                + files.iter().map(|f| 64 + f.name.len()).sum::<usize>()
+        }
         Event::Notice(text) => text.len(),
         _ => 0,
     }

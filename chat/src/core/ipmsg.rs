@@ -27,6 +27,7 @@ use super::events::{Event, IpmsgUser, Protocol, Topic};
 use super::{Core, Greeting, Hello, SendError, Sent, Transmit, Via};
 use crate::ipmsg::charset::{self, Client};
 use crate::ipmsg::packet::{self, mode, opt, Entry, Packet};
+use crate::transfer::offer::{self, OfferedFile};
 
 /// IP Messenger users in the table.
 pub const MAX_USERS: usize = 1024;
@@ -36,7 +37,11 @@ const WAITING: usize = 1024;
 /// Packet numbers remembered per user, to show a message sent again only once.
 const SEEN: usize = 256;
 /// How long a peer that said BR_EXIT has to show it is still there.
-const EXIT_PROBE: Duration = Duration::from_secs(2);
+const EXIT_PROBE: Duration = Duration::from_secs(5);
+/// Users kept per host: an IP Messenger client has one port; more are a host faking many.
+const USERS_PER_HOST: usize = 4;
+/// Longest absence text (sent to whoever writes while we are away).
+pub const MAX_AWAY: usize = 1024;
 /// Automatic answers (ANSENTRY, absence replies, info) in all: a burst and per second.
 const ANSWER_BURST: f64 = 200.0;
 const ANSWER_RATE: f64 = 100.0;
@@ -83,24 +88,40 @@ struct User {
     leaving: Option<Instant>,
     /// Our entry went to it in the encoding it reads (the broadcast one may not have).
     entry_sent: bool,
+    /// It sent an entry (BR_ENTRY, ANSENTRY, BR_ABSENCE), as a client does: one known only
+    /// from a message (which anyone can forge from anywhere) is not listed, nor sent lines
+    /// meant for everyone, until it answers our entry.
+    entered: bool,
 }
 
 impl User {
-    fn engaged(&self, now: Instant, waiting: &BTreeMap<u64, Waiting>, to: SocketAddr) -> bool {
+    /// In a conversation: added by hand, or we sent it something lately (what it sends us
+    /// does not count: a stranger could keep itself in the table that way).
+    fn engaged(
+        &self,
+        now: Instant,
+        outbox: &BTreeMap<SocketAddr, VecDeque<Outgoing>>,
+        to: SocketAddr,
+    ) -> bool {
         self.by_hand
-            || waiting.values().any(|w| w.to == to)
+            || outbox.contains_key(&to)
             || self
                 .talked
                 .is_some_and(|t| now.saturating_duration_since(t) < super::peers::CONVERSATION)
     }
 }
 
+/// A message of ours to an IPMsg user. One per user is in flight at a time (the head of its
+/// queue), the rest wait: iptux drops, after acknowledging it, a message numbered below one
+/// it already has, so a retransmission must never follow a later message.
 #[derive(Debug)]
-struct Waiting {
+struct Outgoing {
     id: u64,
-    to: SocketAddr,
-    bytes: Vec<u8>,
+    /// What a not-delivered report quotes.
     text: String,
+    number: u64,
+    bytes: Vec<u8>,
+    /// 0 while it waits behind another.
     sends: u32,
     next_at: Instant,
 }
@@ -112,7 +133,7 @@ pub(super) struct Ipmsg {
     user_field: Vec<u8>,
     host_field: Vec<u8>,
     users: BTreeMap<SocketAddr, User>,
-    waiting: BTreeMap<u64, Waiting>,
+    outbox: BTreeMap<SocketAddr, VecDeque<Outgoing>>,
     hellos: BTreeMap<SocketAddr, Hello>,
     started: Instant,
     last_number: u64,
@@ -129,7 +150,7 @@ impl Ipmsg {
             user_field: field(&config.user),
             host_field: field(&config.host),
             users: BTreeMap::new(),
-            waiting: BTreeMap::new(),
+            outbox: BTreeMap::new(),
             hellos: BTreeMap::new(),
             started: now,
             last_number: 0,
@@ -150,7 +171,7 @@ impl Ipmsg {
     }
 
     pub(super) fn waiting(&self) -> usize {
-        self.waiting.len()
+        self.outbox.values().map(VecDeque::len).sum()
     }
 
     fn protocol(&self) -> Protocol {
@@ -206,13 +227,32 @@ impl Ipmsg {
         bytes
     }
 
+    /// Everything waiting for `to` is not delivered (it left, or gave way to another).
+    fn give_up(&mut self, to: SocketAddr, nick: Option<&str>) -> Vec<Event> {
+        self.outbox
+            .remove(&to)
+            .into_iter()
+            .flatten()
+            .map(|w| Event::NotDelivered {
+                to,
+                nick: nick.map(str::to_string),
+                id: w.id,
+                text: w.text,
+            })
+            .collect()
+    }
+
     /// True for a packet we broadcast, heard back.
     fn is_ours(&self, p: &Packet) -> bool {
         self.ours.contains(&p.number) && p.user == self.user_field && p.host == self.host_field
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let waiting = self.waiting.values().map(|w| w.next_at);
+        let waiting = self
+            .outbox
+            .values()
+            .filter_map(VecDeque::front)
+            .map(|w| w.next_at);
         let hellos = self
             .hellos
             .values()
@@ -255,7 +295,7 @@ impl Core {
         };
         ip.users
             .iter()
-            .filter(|(_, u)| u.shown || u.talked.is_some())
+            .filter(|(_, u)| u.entered || u.by_hand || u.talked.is_some())
             .map(|(addr, u)| super::PeerInfo {
                 addr: *addr,
                 also: Vec::new(),
@@ -304,6 +344,25 @@ impl Core {
         to: SocketAddr,
         text: &str,
     ) -> Result<Sent, SendError> {
+        self.ipmsg_send_with(now, to, text, None)
+            .map(|(sent, _)| sent)
+    }
+
+    /// Tells the IP Messenger user at `to` we will not take its offer `packet`
+    /// (RELEASEFILES).
+    pub(super) fn ipmsg_release(&mut self, now: Instant, to: SocketAddr, packet: u64) {
+        if self.ipmsg.is_some() {
+            self.ipmsg_reply(now, to, mode::RELEASEFILES, &packet.to_string());
+        }
+    }
+
+    pub(super) fn ipmsg_send_with(
+        &mut self,
+        now: Instant,
+        to: SocketAddr,
+        text: &str,
+        files: Option<&[OfferedFile]>,
+    ) -> Result<(Sent, u64), SendError> {
         let id = self.next_id;
         let Some(ip) = &mut self.ipmsg else {
             return Err(SendError::Unreachable(to));
@@ -326,7 +385,12 @@ impl Core {
         if utf8 {
             command |= opt::UTF8OPT;
         }
-        // Our header is at most ~200 bytes: the text decides.
+        if let Some(files) = files {
+            command |= opt::FILEATTACHOPT;
+            extra.extend_from_slice(&offer::write_files(files, |n| charset::encode(n, encoding)));
+            extra.push(0);
+        }
+        // Our header is at most ~200 bytes: the text (and the file list) decides.
         let room = packet::MAX_SENT - 40 - ip.user_field.len() - ip.host_field.len();
         if extra.len() > room {
             return Err(SendError::TooLongForIpmsg {
@@ -336,29 +400,28 @@ impl Core {
                 encoding: encoding.name(),
             });
         }
-        let for_user = ip.waiting.values().filter(|w| w.to == to).count();
-        if for_user >= WAITING_PER_USER || ip.waiting.len() >= WAITING {
+        let for_user = ip.outbox.get(&to).map_or(0, VecDeque::len);
+        if for_user >= WAITING_PER_USER || ip.waiting() >= WAITING {
             let stalled = ip
-                .waiting
-                .values()
-                .filter(|w| w.to == to)
+                .outbox
+                .get(&to)
+                .and_then(VecDeque::front)
                 .map(|w| now.saturating_duration_since(w.next_at))
-                .max()
                 .unwrap_or_default();
             return Err(SendError::Busy { to, stalled });
         }
+        // Numbered now, in the order sent: the queue keeps them in order on the wire.
         let (number, bytes) = ip.packet(now, command, &extra);
-        ip.waiting.insert(
+        let queue = ip.outbox.entry(to).or_default();
+        let first = queue.is_empty();
+        queue.push_back(Outgoing {
+            id,
+            text: text.to_string(),
             number,
-            Waiting {
-                id,
-                to,
-                bytes: bytes.clone(),
-                text: text.to_string(),
-                sends: 1,
-                next_at: now + self.timing.backoff(1),
-            },
-        );
+            bytes: bytes.clone(),
+            sends: u32::from(first),
+            next_at: now + self.timing.backoff(1),
+        });
         let known = match ip.users.get_mut(&to) {
             Some(u) => {
                 u.talked = Some(now);
@@ -367,13 +430,15 @@ impl Core {
             None => false,
         };
         self.next_id += 1;
-        self.ipmsg_transmit(to, bytes);
+        if first {
+            self.ipmsg_transmit(to, bytes);
+        }
         if !known {
             // Learn who it is (and how it reads) for the next message.
             self.ipmsg_greet(now, to);
         }
         self.arm(now + self.timing.backoff(1));
-        Ok(Sent::Reliable(id))
+        Ok((Sent::Reliable(id), number))
     }
 
     /// Our entry to every broadcast address (at start), and to peers greeted by hand.
@@ -398,31 +463,34 @@ impl Core {
             let bytes = ip.entry(now, mode::BR_ENTRY, &nick, Some(addr));
             out.push((addr, bytes));
         }
-        let mut gave_up = Vec::new();
-        for (number, w) in ip.waiting.iter_mut() {
+        let mut events = Vec::new();
+        for (to, queue) in ip.outbox.iter_mut() {
+            let Some(w) = queue.front_mut() else { continue };
             if w.next_at > now {
                 continue;
             }
-            if w.sends >= tries {
-                gave_up.push(*number);
+            if w.sends < tries {
+                w.sends += 1;
+                w.next_at = now + timing.backoff(w.sends);
+                out.push((*to, w.bytes.clone()));
+                self.stats.retransmits += 1;
                 continue;
             }
-            w.sends += 1;
-            w.next_at = now + timing.backoff(w.sends);
-            out.push((w.to, w.bytes.clone()));
-            self.stats.retransmits += 1;
-        }
-        let mut events = Vec::new();
-        for number in gave_up {
-            let w = ip.waiting.remove(&number).expect("listed");
-            let nick = ip.users.get(&w.to).map(|u| u.nick.clone());
+            let w = queue.pop_front().expect("a head");
+            let nick = ip.users.get(to).map(|u| u.nick.clone());
             events.push(Event::NotDelivered {
-                to: w.to,
+                to: *to,
                 nick,
                 id: w.id,
                 text: w.text,
             });
+            if let Some(next) = queue.front_mut() {
+                next.sends = 1;
+                next.next_at = now + timing.backoff(1);
+                out.push((*to, next.bytes.clone()));
+            }
         }
+        ip.outbox.retain(|_, q| !q.is_empty());
         let left: Vec<SocketAddr> = ip
             .users
             .iter()
@@ -432,7 +500,7 @@ impl Core {
         let protocol = ip.protocol();
         for addr in left {
             let u = ip.users.remove(&addr).expect("listed");
-            ip.waiting.retain(|_, w| w.to != addr);
+            events.extend(ip.give_up(addr, Some(&u.nick)));
             if u.shown {
                 events.push(Event::Leave {
                     addr,
@@ -474,7 +542,7 @@ impl Core {
         self.ipmsg.as_ref()?.next_deadline()
     }
 
-    /// Our new nickname or absence, to every IPMsg user and by broadcast.
+    /// Our new nickname or absence, to every IPMsg user we know.
     pub(super) fn ipmsg_absence(&mut self, now: Instant) {
         self.ipmsg_tell_all(now, mode::BR_ABSENCE);
     }
@@ -493,7 +561,12 @@ impl Core {
             return;
         }
         let mut out = Vec::new();
-        let broadcasts = ip.config.broadcasts.clone();
+        // An absence goes only to the users we know, each in its own encoding: iptux takes
+        // a broadcast in another encoding as a change of ours, and garbles all we send after.
+        let broadcasts = match base {
+            mode::BR_EXIT => ip.config.broadcasts.clone(),
+            _ => Vec::new(),
+        };
         if !broadcasts.is_empty() {
             let bytes = ip.entry(now, base, &nick, None);
             out.extend(broadcasts.into_iter().map(|to| (to, bytes.clone())));
@@ -508,10 +581,17 @@ impl Core {
         }
     }
 
-    /// `/away [TEXT]` (`Some`) and `/back` (`None`).
+    /// `/away [TEXT]` (`Some`, at most [`MAX_AWAY`] bytes kept) and `/back` (`None`).
     pub fn set_away(&mut self, now: Instant, away: Option<String>) {
         if let Some(ip) = &mut self.ipmsg {
-            ip.away = away;
+            ip.away = away.map(|mut text| {
+                let mut end = text.len().min(MAX_AWAY);
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.truncate(end);
+                text
+            });
             self.ipmsg_absence(now);
         }
     }
@@ -566,16 +646,14 @@ impl Core {
             }
             mode::BR_EXIT => self.ipmsg_exit_from(now, from),
             mode::SENDMSG => self.ipmsg_message(now, from, &p),
-            mode::RECVMSG => self.ipmsg_ack(from, &p),
-            mode::GETINFO => {
-                let text = format!("corokit chat {}", env!("CARGO_PKG_VERSION"));
-                self.ipmsg_reply(now, from, mode::SENDINFO, &text);
+            mode::RECVMSG => self.ipmsg_ack(now, from, &p),
+            mode::RELEASEFILES => {
+                if let Some(packet) = p.names_number() {
+                    self.events
+                        .offer(from, Event::OfferDeclined { from, packet });
+                }
             }
-            mode::GETABSENCEINFO => {
-                let ip = self.ipmsg.as_ref().expect("checked");
-                let text = ip.away.clone().unwrap_or_else(|| "Not absence mode".into());
-                self.ipmsg_reply(now, from, mode::SENDABSENCEINFO, &text);
-            }
+            mode::GETINFO | mode::GETABSENCEINFO => self.ipmsg_inform(now, from, p.mode()),
             // NOOPERATION, READMSG, and the private commands of iptux and FeiQ (icons,
             // signatures, typing notices, shared files): nothing a chat user needs.
             _ => {}
@@ -632,6 +710,7 @@ impl Core {
             u.nick = nick.clone();
             u.info = info;
             u.caps_utf8 = caps;
+            u.entered = true;
             // A new run of the client numbers its packets from the start again.
             if p.mode() == mode::BR_ENTRY {
                 u.seen.clear();
@@ -641,24 +720,20 @@ impl Core {
                 return self.ipmsg_join(now, from);
             }
             if show {
+                let protocol = self.ipmsg.as_ref().expect("checked").protocol();
                 self.events.offer(
                     from,
                     Event::Away {
                         addr: from,
                         nick,
                         away,
+                        protocol,
                     },
                 );
             }
             return true;
         }
-        if !self.ipmsg_make_room(now) {
-            self.trouble(
-                now,
-                None,
-                Topic::TableFull,
-                format!("not adding {from}: the peers table is full of peers in conversations"),
-            );
+        if !self.ipmsg_admit(now, from) {
             return false;
         }
         let ip = self.ipmsg.as_mut().expect("checked");
@@ -676,6 +751,7 @@ impl Core {
                 seen: VecDeque::new(),
                 leaving: None,
                 entry_sent: false,
+                entered: true,
             },
         );
         self.ipmsg_join(now, from)
@@ -699,6 +775,26 @@ impl Core {
         true
     }
 
+    /// Whether `from` may join the table: a host has at most [`USERS_PER_HOST`], and a full
+    /// table makes room (told once per interval when it cannot).
+    fn ipmsg_admit(&mut self, now: Instant, from: SocketAddr) -> bool {
+        let ip = self.ipmsg.as_ref().expect("checked");
+        let same_host = ip.users.keys().filter(|a| a.ip() == from.ip()).count();
+        if same_host >= USERS_PER_HOST {
+            return false;
+        }
+        if self.ipmsg_make_room(now) {
+            return true;
+        }
+        self.trouble(
+            now,
+            None,
+            Topic::TableFull,
+            format!("not adding {from}: the peers table is full of peers in conversations"),
+        );
+        false
+    }
+
     /// Room for one more user: the least recently heard one nobody is talking to goes.
     fn ipmsg_make_room(&mut self, now: Instant) -> bool {
         let ip = self.ipmsg.as_mut().expect("checked");
@@ -708,7 +804,7 @@ impl Core {
         let victim = ip
             .users
             .iter()
-            .filter(|(a, u)| !u.engaged(now, &ip.waiting, **a))
+            .filter(|(a, u)| !u.engaged(now, &ip.outbox, **a))
             .min_by_key(|(_, u)| u.last_heard)
             .map(|(a, _)| *a);
         let Some(addr) = victim else {
@@ -730,13 +826,53 @@ impl Core {
         true
     }
 
-    /// An automatic answer to `to`, within the answers budget: entries tailored to it.
-    fn ipmsg_answer(&mut self, now: Instant, to: SocketAddr, base: u32) {
-        let nick = self.nick.clone();
-        let ip = self.ipmsg.as_mut().expect("checked");
-        if !ip.answers.try_take(now, 1.0) {
+    /// Answers GETINFO (our version) or GETABSENCEINFO (our absence text), to users we know
+    /// and within the answers budget: a small question with a forged source must not
+    /// become a large answer to someone else.
+    fn ipmsg_inform(&mut self, now: Instant, from: SocketAddr, asked: u32) {
+        if !self.ipmsg_may_answer(now, from, true) {
             return;
         }
+        let (answer, text) = match asked {
+            mode::GETINFO => (
+                mode::SENDINFO,
+                format!("corokit chat {}", env!("CARGO_PKG_VERSION")),
+            ),
+            _ => {
+                let ip = self.ipmsg.as_ref().expect("checked");
+                let away = ip.away.clone();
+                (
+                    mode::SENDABSENCEINFO,
+                    away.unwrap_or_else(|| "Not absence mode".into()),
+                )
+            }
+        };
+        self.ipmsg_reply(now, from, answer, &text);
+    }
+
+    /// True when an automatic answer may go to `to`: within its share (a source flooding
+    /// us spends only its own) and the budget for all; with `known`, only to a user in the
+    /// table.
+    fn ipmsg_may_answer(&mut self, now: Instant, to: SocketAddr, known: bool) -> bool {
+        let listed = self
+            .ipmsg
+            .as_ref()
+            .is_some_and(|ip| ip.users.contains_key(&to));
+        if (known && !listed) || !self.may_answer(now, to) {
+            return false;
+        }
+        self.ipmsg
+            .as_mut()
+            .is_some_and(|ip| ip.answers.try_take(now, 1.0))
+    }
+
+    /// An automatic entry to `to`, tailored to it, within the answers budget.
+    fn ipmsg_answer(&mut self, now: Instant, to: SocketAddr, base: u32) {
+        let nick = self.nick.clone();
+        if !self.ipmsg_may_answer(now, to, false) {
+            return;
+        }
+        let ip = self.ipmsg.as_mut().expect("checked");
         let bytes = ip.entry(now, base, &nick, Some(to));
         if let Some(u) = ip.users.get_mut(&to) {
             u.entry_sent = true;
@@ -763,21 +899,23 @@ impl Core {
         self.ipmsg_answer(now, from, mode::BR_ENTRY);
     }
 
-    /// A BR_EXIT: believed if the user stays silent after we ask for its entry.
+    /// A BR_EXIT: believed if the user stays silent after we ask for its entry. An exit we
+    /// cannot check (its source is over its share of answers: a flood) is not believed.
     fn ipmsg_exit_from(&mut self, now: Instant, from: SocketAddr) {
         let nick = self.nick.clone();
-        let ip = self.ipmsg.as_mut().expect("checked");
-        let Some(u) = ip.users.get_mut(&from) else {
+        let listed = self
+            .ipmsg
+            .as_ref()
+            .is_some_and(|ip| ip.users.contains_key(&from));
+        if !listed || !self.may_answer(now, from) {
             return;
-        };
-        u.leaving = Some(now + EXIT_PROBE);
-        let probe = ip
-            .answers
-            .try_take(now, 1.0)
-            .then(|| ip.entry(now, mode::BR_ENTRY, &nick, Some(from)));
-        if let Some(bytes) = probe {
-            self.ipmsg_transmit(from, bytes);
         }
+        let ip = self.ipmsg.as_mut().expect("checked");
+        if let Some(u) = ip.users.get_mut(&from) {
+            u.leaving = Some(now + EXIT_PROBE);
+        }
+        let bytes = ip.entry(now, mode::BR_ENTRY, &nick, Some(from));
+        self.ipmsg_transmit(from, bytes);
         self.arm(now + EXIT_PROBE);
     }
 
@@ -815,7 +953,7 @@ impl Core {
                 away: false,
             };
             let nick = crate::wire::truncate_nick(&info.user).to_string();
-            if self.ipmsg_make_room(now) {
+            if self.ipmsg_admit(now, from) {
                 let ip = self.ipmsg.as_mut().expect("checked");
                 ip.users.insert(
                     from,
@@ -830,6 +968,7 @@ impl Core {
                         seen: VecDeque::new(),
                         leaving: None,
                         entry_sent: false,
+                        entered: false,
                     },
                 );
                 self.ipmsg_answer(now, from, mode::BR_ENTRY);
@@ -853,7 +992,38 @@ impl Core {
             .map(|u| u.nick.clone())
             .unwrap_or_else(|| charset::decode(&p.user, p.command, client, legacy));
         let text = charset::decode(p.text(), p.command, client, legacy);
-        if !self.offer_message(now, from, Some(nick), text, protocol) {
+        let mut event = Event::Message {
+            from,
+            nick: Some(nick.clone()),
+            text: text.clone(),
+            protocol,
+        };
+        if p.has(opt::FILEATTACHOPT) {
+            let list = p.extra.get(p.text().len() + 1..).unwrap_or_default();
+            match offer::parse_files(list, |b| charset::decode(b, p.command, client, legacy)) {
+                Ok(files) if !files.is_empty() => {
+                    event = Event::FileOffer {
+                        from,
+                        nick: Some(nick),
+                        protocol,
+                        packet: p.number,
+                        text,
+                        files,
+                    }
+                }
+                Ok(_) => {}
+                Err(why) => {
+                    self.stats.malformed += 1;
+                    self.trouble(
+                        now,
+                        Some(from),
+                        Topic::IpmsgMalformed(packet::Malformed::Attachment),
+                        format!("ignored the files {from} offered: {why}"),
+                    );
+                }
+            }
+        }
+        if !self.offer_from(now, from, event) {
             // Not acknowledged: its sender sends it again, or reports it not delivered.
             return;
         }
@@ -863,13 +1033,12 @@ impl Core {
                 u.seen.pop_front();
             }
             u.seen.push_back(p.number);
-            u.talked = Some(now);
         }
         let away = ip.away.clone();
         if ackable {
             self.ipmsg_reply(now, from, mode::RECVMSG, &p.number.to_string());
         }
-        if p.has(opt::SECRETOPT) {
+        if p.has(opt::SECRETOPT) && self.ipmsg_may_answer(now, from, true) {
             // Shown at once: opened, as IP Messenger's sender is told by READMSG.
             self.ipmsg_reply(now, from, mode::READMSG, &p.number.to_string());
         }
@@ -880,8 +1049,8 @@ impl Core {
         }
     }
 
-    /// An acknowledgement (RECVMSG, READMSG) or information reply: small, owed, not limited
-    /// beyond the per-source rate (one per packet received).
+    /// A reply: an acknowledgement (owed, one per message received), or an answer the
+    /// caller checked with [`Core::ipmsg_may_answer`].
     fn ipmsg_reply(&mut self, now: Instant, to: SocketAddr, base: u32, text: &str) {
         let ip = self.ipmsg.as_mut().expect("checked");
         let (encoding, utf8) = match ip.users.get(&to) {
@@ -895,12 +1064,18 @@ impl Core {
         self.ipmsg_transmit(to, bytes);
     }
 
-    /// The absence text, as an automatic reply that is itself never answered.
+    /// The absence text, as an automatic reply that is itself never answered. Not while a
+    /// message of ours to `to` is in flight: numbered after it, the reply would make iptux
+    /// drop the message's retransmission.
     fn ipmsg_auto_reply(&mut self, now: Instant, to: SocketAddr, text: &str) {
-        let ip = self.ipmsg.as_mut().expect("checked");
-        if !ip.answers.try_take(now, 1.0) {
+        let busy = self
+            .ipmsg
+            .as_ref()
+            .is_some_and(|ip| ip.outbox.contains_key(&to));
+        if busy || !self.ipmsg_may_answer(now, to, true) {
             return;
         }
+        let ip = self.ipmsg.as_mut().expect("checked");
         let (encoding, utf8) = match ip.users.get(&to) {
             Some(u) => charset::outgoing(u.info.client, u.caps_utf8, ip.config.legacy),
             None => (ip.config.legacy, false),
@@ -912,20 +1087,31 @@ impl Core {
         self.ipmsg_transmit(to, bytes);
     }
 
-    fn ipmsg_ack(&mut self, from: SocketAddr, p: &Packet) {
+    fn ipmsg_ack(&mut self, now: Instant, from: SocketAddr, p: &Packet) {
+        let first_wait = self.timing.backoff(1);
         let ip = self.ipmsg.as_mut().expect("checked");
         let Some(number) = p.names_number() else {
             return;
         };
         // From the host it went to: iptux answers from port 2425 whatever port we used.
-        if ip
-            .waiting
-            .get(&number)
-            .is_some_and(|w| w.to.ip() == from.ip())
-        {
-            let w = ip.waiting.remove(&number).expect("checked");
-            self.events
-                .push(None, Event::Delivered { to: w.to, id: w.id });
+        let Some((&to, queue)) = ip.outbox.iter_mut().find(|(to, q)| {
+            to.ip() == from.ip() && q.front().is_some_and(|w| w.number == number && w.sends > 0)
+        }) else {
+            return;
+        };
+        let w = queue.pop_front().expect("checked");
+        let next = queue.front_mut().map(|next| {
+            next.sends = 1;
+            next.next_at = now + first_wait;
+            next.bytes.clone()
+        });
+        if queue.is_empty() {
+            ip.outbox.remove(&to);
+        }
+        self.events.push(None, Event::Delivered { to, id: w.id });
+        if let Some(bytes) = next {
+            self.ipmsg_transmit(to, bytes);
+            self.arm(now + first_wait);
         }
     }
 }

@@ -19,6 +19,7 @@
 
 pub mod events;
 pub mod ipmsg;
+mod offers;
 pub mod peers;
 pub mod recv;
 pub mod send;
@@ -165,6 +166,8 @@ pub enum SendError {
     Unreachable(SocketAddr),
     #[error("{0} was a chat peer and is not answering; greeting it again; not sent")]
     Gone(SocketAddr),
+    #[error("{0} is not a chat peer or IP Messenger user; it cannot take files")]
+    NoFiles(SocketAddr),
     #[error("message is {len} bytes in {encoding} for IP Messenger peer {to}, which takes {max} in one packet; not sent")]
     TooLongForIpmsg {
         to: SocketAddr,
@@ -328,6 +331,8 @@ pub struct Core {
     counter: u64,
     /// The id of the next message the user sends (unique for the life of the run).
     next_id: u64,
+    /// The packet number of the last file offer to a chat peer.
+    next_offer: u64,
     nick: String,
     peers: Peers,
     events: EventQueue,
@@ -397,6 +402,9 @@ impl Core {
             own_key,
             counter: 0,
             next_id: 1,
+            // From the seed: a restarted run does not reuse the numbers of the last.
+            next_offer: u64::from_be_bytes(derive(&seed, b"offers")[..8].try_into().expect("8"))
+                >> 16,
             peers: Peers::new(config.key.is_some()),
             events: EventQueue::default(),
             tally: Tally::new(TALLY_INTERVAL),
@@ -602,7 +610,7 @@ impl Core {
             return self.ipmsg_send(now, to, text);
         }
         if let Some(instance) = self.peers.run_at(to) {
-            return self.send_reliable(now, instance, text);
+            return self.send_reliable(now, instance, text.as_bytes(), text);
         }
         match self.hellos.get(&to).map(|h| h.state) {
             Some(Greeting::Refused(why)) => return Err(SendError::Refused { to, why }),
@@ -635,20 +643,23 @@ impl Core {
         Ok(Sent::Plain)
     }
 
+    /// Sends `payload` (a text, or a control message about files) to run `instance`,
+    /// reliably; `shown` is what a not-delivered report quotes.
     fn send_reliable(
         &mut self,
         now: Instant,
         instance: u64,
-        text: &str,
+        payload: &[u8],
+        shown: &str,
     ) -> Result<Sent, SendError> {
         let (src, nick) = (self.instance, self.nick.clone());
-        let parts = wire::fragments(text, wire::fragment_size());
+        let parts = wire::fragments(payload, wire::fragment_size());
         let frags = parts.len() as u16;
         let run = self.peers.run_mut(instance).expect("a known run");
         let to = run.listed;
         let id = run
             .out
-            .push(now, self.next_id, text, parts.len(), |seq, frag| {
+            .push(now, self.next_id, shown, parts.len(), |seq, frag| {
                 Packet {
                     kind: Kind::Msg,
                     flags: 0,
@@ -834,26 +845,19 @@ impl Core {
             h.state = Greeting::Plain;
         }
         let text = String::from_utf8_lossy(bytes).into_owned();
-        self.offer_message(now, from, None, text, Protocol::Plain);
+        let message = Event::Message {
+            from,
+            nick: None,
+            text,
+            protocol: Protocol::Plain,
+        };
+        self.offer_from(now, from, message);
     }
 
-    /// A message from a sender that does not wait for room (a plain peer, an IPMsg user),
-    /// into its share of the user's queue; false (counted, and told once per interval) when
-    /// the share is full.
-    fn offer_message(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        nick: Option<String>,
-        text: String,
-        protocol: Protocol,
-    ) -> bool {
-        let event = Event::Message {
-            from,
-            nick,
-            text,
-            protocol,
-        };
+    /// A message (or offer) from a sender that does not wait for room (a plain peer, an
+    /// IPMsg user), into its share of the user's queue; false (counted, and told once per
+    /// interval) when the share is full.
+    fn offer_from(&mut self, now: Instant, from: SocketAddr, event: Event) -> bool {
         if self.events.offer(from, event) {
             return true;
         }
@@ -1282,18 +1286,13 @@ impl Core {
             return;
         };
         while self.events.room(from) > 0 {
-            let Some(complete) = inc.take() else {
+            let Some(c) = inc.take() else {
                 break;
             };
-            self.events.push(
-                Some(from),
-                Event::Message {
-                    from,
-                    nick: Some(complete.nick.unwrap_or_else(|| nick.clone())),
-                    text: complete.text,
-                    protocol: Protocol::Chat,
-                },
-            );
+            let nick = c.nick.unwrap_or_else(|| nick.clone());
+            let (event, malformed) = offers::chat_message(from, nick, c.text);
+            self.stats.malformed += u64::from(malformed);
+            self.events.push(Some(from), event);
         }
         if inc.ready() {
             self.waiting_room.insert((instance, from));

@@ -48,7 +48,8 @@ pub enum Offer {
 #[derive(Debug, PartialEq)]
 pub struct Complete {
     pub nick: Option<String>,
-    pub text: String,
+    /// UTF-8 text, or a control message about files (see `transfer::offer::Control`).
+    pub text: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -147,10 +148,7 @@ impl Incoming {
             }
         }
         self.expected += u64::from(frags);
-        Some(Complete {
-            nick,
-            text: String::from_utf8_lossy(&text).into_owned(),
-        })
+        Some(Complete { nick, text })
     }
 
     /// The fragment count of the complete message at `expected`. Fragments that cannot start
@@ -204,8 +202,8 @@ mod tests {
         assert!(!inc.ready());
         assert_eq!(offer(&mut inc, 1, 0, 2, "a"), Offer::Held);
         assert_eq!(offer(&mut inc, 1, 0, 2, "a"), Offer::Duplicate);
-        assert_eq!(inc.take().unwrap().text, "ab");
-        assert_eq!(inc.take().unwrap().text, "c");
+        assert_eq!(inc.take().unwrap().text, b"ab");
+        assert_eq!(inc.take().unwrap().text, b"c");
         assert_eq!(inc.take(), None);
         assert_eq!(inc.cumulative(), 3);
         assert_eq!(offer(&mut inc, 2, 1, 2, "b"), Offer::Duplicate);
@@ -219,7 +217,7 @@ mod tests {
         offer(&mut inc, 5, 1, 2, "tail of 4");
         offer(&mut inc, 6, 0, 1, "next");
         assert_eq!(inc.skip_to(5), "given up".len() + 1 + FRAGMENT_OVERHEAD);
-        assert_eq!(inc.take().unwrap().text, "next");
+        assert_eq!(inc.take().unwrap().text, b"next");
         assert_eq!(inc.cumulative(), 6);
     }
 
@@ -250,7 +248,7 @@ mod tests {
         offer(&mut inc, 1, 0, 3, "a");
         offer(&mut inc, 2, 1, 2, "liar");
         offer(&mut inc, 3, 0, 1, "after");
-        assert_eq!(inc.take().unwrap().text, "after");
+        assert_eq!(inc.take().unwrap().text, b"after");
         assert_eq!(inc.held_bytes(), 0);
     }
 }

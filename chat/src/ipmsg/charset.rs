@@ -49,6 +49,13 @@ pub fn by_name(name: &str) -> Option<&'static Encoding> {
     }
 }
 
+/// True for an encoding IP Messenger text can be in: ASCII-compatible (the protocol's
+/// colons and digits are ASCII) and a real one (not the WHATWG "replacement" that labels such
+/// as `hz-gb-2312` map to, which decodes everything to one U+FFFD).
+pub fn usable(encoding: &&'static Encoding) -> bool {
+    encoding.is_ascii_compatible() && *encoding != encoding_rs::REPLACEMENT
+}
+
 /// The legacy encoding for peers that do not say: GB18030 where the locale is Chinese,
 /// else CP932 (IP Messenger's own). `locale` is the first of LC_ALL, LC_CTYPE, LANG set.
 pub fn legacy_for_locale(locale: Option<&str>) -> &'static Encoding {
@@ -174,6 +181,12 @@ mod tests {
         assert_eq!(by_name("CP932"), Some(SHIFT_JIS));
         assert_eq!(by_name("gbk"), Some(GBK));
         assert_eq!(by_name("klingon"), None);
+        for label in ["hz-gb-2312", "iso-2022-kr", "utf-16le", "iso-2022-jp"] {
+            assert!(!by_name(label).is_some_and(|e| usable(&e)), "{label}");
+        }
+        for label in ["cp932", "gbk", "big5", "euc-kr", "utf-8", "windows-1252"] {
+            assert!(by_name(label).is_some_and(|e| usable(&e)), "{label}");
+        }
         assert_eq!(legacy_for_locale(Some("zh_CN.UTF-8")), GB18030);
         assert_eq!(legacy_for_locale(Some("ja_JP.UTF-8")), SHIFT_JIS);
         assert_eq!(legacy_for_locale(None), SHIFT_JIS);

@@ -18,6 +18,9 @@ pub mod mode {
     pub const SENDINFO: u32 = 0x41;
     pub const GETABSENCEINFO: u32 = 0x50;
     pub const SENDABSENCEINFO: u32 = 0x51;
+    pub const GETFILEDATA: u32 = 0x60;
+    pub const RELEASEFILES: u32 = 0x61;
+    pub const GETDIRFILES: u32 = 0x62;
 }
 
 /// Option bits (the high 24 bits of the command).
@@ -57,6 +60,8 @@ pub enum Malformed {
     Command,
     #[error("longer than 32 KiB")]
     TooLong,
+    #[error("a malformed file offer")]
+    Attachment,
 }
 
 /// One packet. Names and text are bytes in the sender's encoding.

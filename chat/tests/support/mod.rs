@@ -277,3 +277,24 @@ impl Drop for Lan {
 pub fn count(chat: &Chat, kind: &str) -> usize {
     chat.seen.iter().filter(|v| v["event"] == kind).count()
 }
+
+/// A chat speaking IPMsg at 127.0.0.1 on a free port; the port.
+pub fn chat_with_ipmsg(args: &[&str], env: &[(&str, &str)]) -> (Chat, u16) {
+    for _ in 0..10 {
+        // A port free on 127.0.0.2 is very likely free on 127.0.0.1 too; if not, another.
+        corokit_common::init();
+        let port = may::net::UdpSocket::bind("127.0.0.2:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let p = port.to_string();
+        let mut all = vec!["--ipmsg-port", p.as_str()];
+        all.extend_from_slice(args);
+        let chat = Chat::start_with(&all, env);
+        if !chat.listening["ipmsg"].is_null() {
+            return (chat, port);
+        }
+    }
+    panic!("no free port for IP Messenger on 127.0.0.1");
+}

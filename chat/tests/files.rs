@@ -252,6 +252,28 @@ fn a_hostile_requester_gets_nothing_it_was_not_offered() {
         let got = raw_request([127, 0, 0, 1], to, command, extra.as_bytes());
         assert!(got.is_empty(), "{extra}: {} bytes", got.len());
     }
+    // A host nothing was offered to cannot hold the serving slots: it is shut out at once.
+    let squatters: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| {
+            use socket2::{Domain, Socket, Type};
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            s.bind(&SocketAddr::from(([127, 0, 0, 9], 0)).into())
+                .unwrap();
+            s.connect(&to.into()).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.into()
+        })
+        .collect();
+    for mut s in squatters {
+        let mut b = [0u8; 1];
+        // Closed by the server (end of stream or reset), not kept waiting until our timeout.
+        let closed = match s.read(&mut b) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        };
+        assert!(closed, "a squatter was let in");
+    }
     // What was offered, asked right, from the right host: served from the offset.
     let got = raw_request(
         [127, 0, 0, 1],
@@ -656,12 +678,23 @@ fn serve_ipmsg(
     (asked, conn)
 }
 
-#[test]
-fn a_receiver_killed_twice_mid_file_finishes_it_from_a_client_that_ignores_offsets_or_not() {
+/// One round of an IPMsg transfer: a chat run (the same one, or a new one after a kill),
+/// the file offered again, `/get`, and the answer served from `from` up to `upto`.
+struct Round {
+    from: Option<usize>,
+    upto: usize,
+    /// The offset the chat must ask for.
+    asked: u64,
+    /// Kill the chat with the connection open (else close it, as a dropped connection).
+    kill: bool,
+    /// The `.part`'s length after the round (None: no `.part`, the file named).
+    part: Option<u64>,
+}
+
+fn ipmsg_rounds(bytes: &[u8], rounds: &[Round]) -> Vec<Value> {
     let dir = tempfile::tempdir().unwrap();
     let into = dir.path().join("in");
-    let size = 4 << 20;
-    let bytes = std::fs::read(make_file(dir.path(), "big.bin", size)).unwrap();
+    let size = bytes.len();
     let (first, port) = chat_with_ipmsg(&["--name", "ana"], &[]);
     let p = port.to_string();
     let to = SocketAddr::from(([127, 0, 0, 1], port));
@@ -669,12 +702,9 @@ fn a_receiver_killed_twice_mid_file_finishes_it_from_a_client_that_ignores_offse
     let part = into.join("big.bin.part");
     let list = format!("0:big.bin:{size:x}:5f5e1000:1:\x07");
     let mut chat = Some(first);
-    // Each round: a new chat run, the same file offered again, served from `from` up to `upto`.
-    for (from, upto, asked) in [
-        (Some(0), 1 << 20, 0),       // a first run, killed at 1 MiB
-        (Some(0), 2 << 20, 1 << 20), // iptux: sends from 0 whatever was asked
-        (None, size, 2 << 20),       // IP Messenger: from the offset asked
-    ] {
+    let mut ends = Vec::new();
+    let mut offers = Vec::new();
+    for r in rounds {
         let mut c = chat
             .take()
             .unwrap_or_else(|| Chat::start(&["--name", "ana", "--ipmsg-port", &p]));
@@ -686,26 +716,129 @@ fn a_receiver_killed_twice_mid_file_finishes_it_from_a_client_that_ignores_offse
             mode::SENDMSG | opt::FILEATTACHOPT,
             &[b"\0".as_slice(), list.as_bytes(), b"\0"].concat(),
         );
-        let o = c.wait_for("the offer", |v| v["event"] == "file_offer");
+        let o = c.wait_for("the offer", |v| {
+            v["event"] == "file_offer" && !offers.contains(&v["id"])
+        });
+        offers.push(o["id"].clone());
         c.say(&format!("/get {} \"{}\"", o["id"], into.display()));
-        let (got, conn) = serve_ipmsg(&peer, &bytes, from, upto);
-        assert_eq!(got, asked, "the offset asked");
-        if upto < size {
+        let (got, conn) = serve_ipmsg(&peer, bytes, r.from, r.upto);
+        assert_eq!(got, r.asked, "the offset asked");
+        if r.kill {
             let deadline = Instant::now() + WAIT;
-            while std::fs::metadata(&part).map_or(0, |m| m.len()) < upto as u64 {
-                assert!(Instant::now() < deadline, "the .part never reached {upto}");
+            while std::fs::metadata(&part).map_or(0, |m| m.len()) < r.upto as u64 {
+                assert!(
+                    Instant::now() < deadline,
+                    "the .part never reached {}",
+                    r.upto
+                );
                 corokit_common::sleep(Duration::from_millis(10));
             }
             c.child.kill().unwrap();
             c.child.wait().unwrap();
             drop(conn);
-            assert!(!into.join("big.bin").exists());
+            offers.clear(); // a new run numbers its offers from 1 again
         } else {
             drop(conn);
-            let done = c.wait_for("the file", |v| v["event"] == "file_done");
-            assert_eq!(done["fetched"].as_u64(), Some((size - (2 << 20)) as u64));
+            let id = o["id"].clone();
+            ends.push(c.wait_for("its end", |v| {
+                (v["event"] == "file_done" || v["event"] == "file_failed") && v["id"] == id
+            }));
+            chat = Some(c);
+        }
+        let left = std::fs::metadata(&part).ok().map(|m| m.len());
+        assert_eq!(left, r.part, "the .part after {:?}", ends.last());
+        if r.part.is_none() && ends.last().is_some_and(|e| e["event"] == "file_done") {
             assert!(std::fs::read(into.join("big.bin")).unwrap() == bytes);
-            assert!(!part.exists());
+        } else {
+            assert!(
+                !into.join("big.bin").exists(),
+                "a file got its name unfinished"
+            );
         }
     }
+    ends
+}
+
+#[test]
+fn an_ipmsg_transfer_is_continued_whether_the_client_honours_offsets_or_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(make_file(dir.path(), "big.bin", 4 << 20)).unwrap();
+    let (m, size) = (1usize << 20, 4usize << 20);
+    let ends = ipmsg_rounds(
+        &bytes,
+        &[
+            // A first run, killed with 1 MiB in.
+            Round {
+                from: Some(0),
+                upto: m,
+                asked: 0,
+                kill: true,
+                part: Some(m as u64),
+            },
+            // iptux: from 0 whatever was asked; the connection drops at 3.5 MiB.
+            Round {
+                from: Some(0),
+                upto: 7 * m / 2,
+                asked: m as u64,
+                kill: false,
+                part: Some(7 * m as u64 / 2),
+            },
+            // IP Messenger: from the offset asked.
+            Round {
+                from: None,
+                upto: size,
+                asked: 7 * m as u64 / 2,
+                kill: false,
+                part: None,
+            },
+        ],
+    );
+    assert_eq!(ends[0]["event"], "file_failed");
+    assert_eq!(ends[1]["event"], "file_done", "{}", ends[1]);
+    assert_eq!(ends[1]["fetched"].as_u64(), Some(m as u64 / 2));
+}
+
+#[test]
+fn a_file_that_repeats_its_start_is_never_spliced_by_a_resume() {
+    // 2 MiB of zeros, then 2 MiB of other bytes: the rest from 1 MiB starts like the file.
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = vec![0u8; 2 << 20];
+    bytes.extend(std::fs::read(make_file(dir.path(), "tail", 2 << 20)).unwrap());
+    let m = 1usize << 20;
+    let ends = ipmsg_rounds(
+        &bytes,
+        &[
+            Round {
+                from: Some(0),
+                upto: m,
+                asked: 0,
+                kill: true,
+                part: Some(m as u64),
+            },
+            // The rest, from the offset: it could as well be the start again, so nothing is
+            // added, and the .part that can only be read both ways is dropped.
+            Round {
+                from: None,
+                upto: 4 * m,
+                asked: m as u64,
+                kill: false,
+                part: None,
+            },
+            // Then the whole file.
+            Round {
+                from: None,
+                upto: 4 * m,
+                asked: 0,
+                kill: false,
+                part: None,
+            },
+        ],
+    );
+    assert_eq!(ends[0]["event"], "file_failed");
+    assert!(
+        ends[0]["error"].as_str().unwrap().contains("could be"),
+        "{}",
+        ends[0]
+    );
+    assert_eq!(ends[1]["event"], "file_done", "{}", ends[1]);
 }

@@ -393,22 +393,53 @@ impl Dir {
     /// Renames `from`, which must be the open file `file`, to `to`: a file put at `from`
     /// meanwhile is not renamed in its place.
     pub fn rename_file(&self, file: &File, from: &str, to: &str) -> Result<(), FileError> {
-        let ours = rustix::fs::fstat(file);
-        let there = rustix::fs::statat(&self.fd, from, AtFlags::SYMLINK_NOFOLLOW);
-        match (ours, there) {
-            (Ok(a), Ok(b)) if a.st_dev == b.st_dev && a.st_ino == b.st_ino => self.rename(from, to),
-            _ => Err(FileError::Foreign(self.path(from))),
-        }
+        self.check_same(file, from)?;
+        self.rename(from, to)
+    }
+
+    /// [`Dir::rename_file`], but only to a name where nothing stands: what appeared at `to`
+    /// meanwhile (the user's own file) is never replaced.
+    pub fn rename_file_new(&self, file: &File, from: &str, to: &str) -> Result<(), FileError> {
+        self.check_same(file, from)?;
+        self.rename_with(from, to, RenameFlags::NOREPLACE)
     }
 
     /// Renames `from` to `to` in this directory (neither followed if a link), with its
     /// sidecar where states live in sidecars.
     pub fn rename(&self, from: &str, to: &str) -> Result<(), FileError> {
-        rustix::fs::renameat(&self.fd, from, &self.fd, to).map_err(|e| FileError::Io {
-            what: "renaming",
-            path: self.path(from),
-            source: io_err(e),
-        })?;
+        self.rename_with(from, to, RenameFlags::empty())
+    }
+
+    /// Renames the directory `from` to `to`, unless something is at `to` by then: a
+    /// directory received whole gets its name only where nothing stands.
+    pub fn rename_dir_new(&self, from: &str, to: &str) -> Result<(), FileError> {
+        self.rename_with(from, to, RenameFlags::NOREPLACE)
+    }
+
+    /// Whether `name` is still the open file `file`.
+    fn check_same(&self, file: &File, name: &str) -> Result<(), FileError> {
+        let ours = rustix::fs::fstat(file);
+        let there = rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW);
+        match (ours, there) {
+            (Ok(a), Ok(b)) if a.st_dev == b.st_dev && a.st_ino == b.st_ino => Ok(()),
+            _ => Err(FileError::Foreign(self.path(name))),
+        }
+    }
+
+    fn rename_with(&self, from: &str, to: &str, flags: RenameFlags) -> Result<(), FileError> {
+        match rustix::fs::renameat_with(&self.fd, from, &self.fd, to, flags) {
+            Ok(()) => {}
+            Err(Errno::EXIST) | Err(Errno::NOTEMPTY) if flags.contains(RenameFlags::NOREPLACE) => {
+                return Err(FileError::Foreign(self.path(to)))
+            }
+            Err(e) => {
+                return Err(FileError::Io {
+                    what: "renaming",
+                    path: self.path(from),
+                    source: io_err(e),
+                })
+            }
+        }
         if self.sidecars {
             let _ = rustix::fs::renameat(
                 &self.fd,
@@ -420,18 +451,16 @@ impl Dir {
         Ok(())
     }
 
-    /// Renames the directory `from` to `to`, unless something is at `to` by then: a
-    /// directory received whole gets its name only where nothing stands.
-    pub fn rename_dir_new(&self, from: &str, to: &str) -> Result<(), FileError> {
-        match rustix::fs::renameat_with(&self.fd, from, &self.fd, to, RenameFlags::NOREPLACE) {
-            Ok(()) => Ok(()),
-            Err(Errno::EXIST) | Err(Errno::NOTEMPTY) => Err(FileError::Foreign(self.path(to))),
-            Err(e) => Err(FileError::Io {
-                what: "renaming",
-                path: self.path(from),
+    /// A scratch file in this directory that has no name and is gone when closed.
+    pub fn scratch(&self) -> Result<File, FileError> {
+        let flags = OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC;
+        rustix::fs::openat(&self.fd, ".", flags, Mode::from_raw_mode(0o600))
+            .map(File::from)
+            .map_err(|e| FileError::Io {
+                what: "creating a scratch file in",
+                path: self.path.clone(),
                 source: io_err(e),
-            }),
-        }
+            })
     }
 
     /// Removes `name`, and its sidecar where states live in sidecars.

@@ -145,6 +145,11 @@ impl Slots {
         Slot(self.0.clone())
     }
 
+    /// A free slot now, or `None` when all are held.
+    pub fn try_take(&self) -> Option<Slot> {
+        self.0.try_wait().then(|| Slot(self.0.clone()))
+    }
+
     /// True when no slot is held or waited for, and no other handle shares these slots.
     pub fn unused(&self) -> bool {
         Arc::strong_count(&self.0) == 1

@@ -322,6 +322,12 @@ impl Transfers {
                         received.remove(&oldest);
                     }
                 }
+                // Only a chat peer's checksum is believed: an IPMsg user could name another
+                // sender's file by it and have its partial copy taken for its own.
+                let mut files = files.clone();
+                if *protocol != Protocol::Chat {
+                    files.iter_mut().for_each(|f| f.sha256 = None);
+                }
                 received.insert(
                     id,
                     ReceivedOffer {
@@ -346,7 +352,11 @@ impl Transfers {
                 true
             }
             Event::OfferDeclined { from, packet } => {
-                let ours = lock(&self.0.sent).remove(*packet).is_some();
+                // Only a host the offer went to may decline it.
+                let ours = {
+                    let mut sent = lock(&self.0.sent);
+                    sent.offered_to(*packet, from.ip()) && sent.remove(*packet).is_some()
+                };
                 if ours {
                     (self.0.happen)(Happening::Declined {
                         packet: *packet,

@@ -39,8 +39,6 @@ const CONNECT: Duration = Duration::from_secs(10);
 /// Longest silence from a sender.
 const SILENCE: Duration = Duration::from_secs(30);
 const BLOCK: usize = 256 * 1024;
-/// Bytes compared to tell a sender that starts over from one that continues.
-const PROBE: usize = 64 * 1024;
 /// Entries and depth taken from one directory stream.
 const MAX_ENTRIES: usize = 100_000;
 const MAX_DEPTH: usize = 64;
@@ -60,10 +58,13 @@ pub enum ReceiveError {
     TooMuch(u64),
     #[error("the file is not the one offered (SHA-256 {got}, offered {want}); discarded")]
     Checksum { got: String, want: String },
-    #[error("the sender's bytes do not continue what we have; discarded, /get it again")]
-    Mismatch,
     #[error("a malformed directory stream: {0}")]
     Stream(String),
+    #[error(
+        "the sender's answer could be the file's start again or its rest; nothing was added, \
+         /get it again"
+    )]
+    Ambiguous,
     #[error(transparent)]
     File(#[from] FileError),
     #[error("{0}")]
@@ -168,7 +169,10 @@ pub fn start(
         let ours = |n: &str| PartState::read(dir, n).filter(|s| s.same_file(want));
         match (done, partial) {
             (Kind::Missing, Kind::Missing) => return Ok(Start::Fresh { name: candidate }),
-            (Kind::File { .. }, Kind::Missing) if ours(&candidate).is_some_and(|s| s.complete) => {
+            // Whole as recorded, and still of the length it was received at.
+            (Kind::File { len }, Kind::Missing)
+                if len == want.size && ours(&candidate).is_some_and(|s| s.complete) =>
+            {
                 return Ok(Start::Have { name: candidate });
             }
             (Kind::Missing, Kind::File { len })
@@ -271,77 +275,55 @@ pub fn receive_file(f: &Fetch, dir: &Dir, start: Start) -> Result<(String, u64),
     let extra = offer::write_request(f.packet, f.file.id, Some(offset));
     let mut stream = request(f.from, f.key, f.asker, mode::GETFILEDATA, &extra)?;
     let mut fetched = 0u64;
-    let result = (|| {
-        let mut got = offset;
-        let mut buf = vec![0u8; BLOCK];
-        let mut first = true;
-        let mut last_report = Instant::now();
-        loop {
-            let n = read_some(&mut *stream, &mut buf)?;
-            if n == 0 {
-                break;
-            }
-            fetched += n as u64;
-            let mut data = &buf[..n];
-            if first && offset > 0 && !f.honours_offset {
-                first = false;
-                // Fill the probe, then see whether the sender started over.
-                let mut probe = data.to_vec();
-                while probe.len() < PROBE.min(offset as usize) {
-                    let n = read_some(&mut *stream, &mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    fetched += n as u64;
-                    probe.extend_from_slice(&buf[..n]);
+    let result = if offset > 0 && !f.honours_offset {
+        either_way(
+            f,
+            dir,
+            &mut *stream,
+            (&mut file, &part),
+            offset,
+            want.size,
+            &mut fetched,
+        )
+    } else {
+        (|| {
+            let mut got = offset;
+            let mut buf = vec![0u8; BLOCK];
+            let mut last_report = Instant::now();
+            loop {
+                let n = read_some(&mut *stream, &mut buf)?;
+                if n == 0 {
+                    break;
                 }
-                let k = probe.len().min(offset as usize);
-                let mut ours = vec![0u8; k];
-                file.seek(SeekFrom::Start(0))?;
-                file.read_exact(&mut ours)?;
-                file.seek(SeekFrom::End(0))?;
-                if probe[..k] == ours[..] {
-                    // It starts at 0 again: the rest of what we have must match, then on.
-                    let rest =
-                        skip_matching(&mut *stream, &mut file, &probe[k..], k as u64, offset)?;
-                    append(&mut file, &rest, &mut hashing)?;
-                    got += rest.len() as u64;
-                } else {
-                    append(&mut file, &probe, &mut hashing)?;
-                    got += probe.len() as u64;
-                }
-                if got > want.size {
+                fetched += n as u64;
+                let mut data = &buf[..n];
+                if got + data.len() as u64 > want.size {
+                    data = &data[..(want.size - got) as usize];
+                    append(&mut file, data, &mut hashing)?;
                     return Err(ReceiveError::TooMuch(want.size));
                 }
-                continue;
-            }
-            first = false;
-            if got + data.len() as u64 > want.size {
-                data = &data[..(want.size - got) as usize];
                 append(&mut file, data, &mut hashing)?;
-                return Err(ReceiveError::TooMuch(want.size));
+                got += data.len() as u64;
+                if last_report.elapsed() >= Duration::from_millis(500) {
+                    last_report = Instant::now();
+                    (f.progress)(got);
+                }
             }
-            append(&mut file, data, &mut hashing)?;
-            got += data.len() as u64;
-            if last_report.elapsed() >= Duration::from_millis(500) {
-                last_report = Instant::now();
-                (f.progress)(got);
+            if got == offset && offset < want.size {
+                return Err(ReceiveError::Nothing);
             }
-        }
-        if got == offset && offset < want.size {
-            return Err(ReceiveError::Nothing);
-        }
-        if got < want.size {
-            return Err(ReceiveError::Incomplete {
-                got,
-                want: want.size,
-            });
-        }
-        Ok(())
-    })();
+            if got < want.size {
+                return Err(ReceiveError::Incomplete {
+                    got,
+                    want: want.size,
+                });
+            }
+            Ok(())
+        })()
+    };
     match result {
         Ok(()) => {}
-        Err(e @ (ReceiveError::TooMuch(_) | ReceiveError::Mismatch)) => {
+        Err(e @ ReceiveError::TooMuch(_)) => {
             dir.remove(&part);
             return Err(e);
         }
@@ -364,7 +346,7 @@ pub fn receive_file(f: &Fetch, dir: &Dir, start: Start) -> Result<(String, u64),
     };
     file.flush()?;
     dir.set_state(&file, &part, &done.encode())?;
-    dir.rename_file(&file, &part, &name)?;
+    dir.rename_file_new(&file, &part, &name)?;
     Ok((name, fetched))
 }
 
@@ -401,43 +383,91 @@ fn hash_prefix(file: &mut File, len: u64, h: &mut digest::Context) -> io::Result
     Ok(())
 }
 
-/// The sender started over at 0: `pending` (from position `at`) and what follows must match
-/// our first `have` bytes; returns what came after them.
-fn skip_matching(
+/// Receives the rest of a file from a sender that may or may not honour the offset asked
+/// (iptux sends from the start whatever was asked; IP Messenger from the offset). What
+/// arrives goes to a scratch file, compared on the way with what the `.part` holds; at the
+/// end the stream's length and that comparison say which it was:
+/// - it differs from our start: the continuation (at most `size - offset` bytes);
+/// - it matches our start and is longer than `size - offset`: the whole file again, of
+///   which what follows our bytes is added;
+/// - it matches and is no longer: either one (a file that repeats its start, like a run of
+///   zeros), so nothing is added, and a whole-length answer of this kind means the `.part`
+///   cannot be continued: it is removed, and the next try starts over.
+///
+/// Never a guess from the first bytes: a spliced file cannot come of it.
+fn either_way(
+    f: &Fetch,
+    dir: &Dir,
     stream: &mut dyn Read,
-    file: &mut File,
-    pending: &[u8],
-    mut at: u64,
-    have: u64,
-) -> Result<Vec<u8>, ReceiveError> {
-    let mut incoming = pending.to_vec();
-    let mut ours = vec![0u8; BLOCK];
+    (part, part_name): (&mut File, &str),
+    offset: u64,
+    size: u64,
+    fetched: &mut u64,
+) -> Result<(), ReceiveError> {
+    let mut scratch = dir.scratch()?;
     let mut buf = vec![0u8; BLOCK];
-    loop {
-        let want = (have - at).min(incoming.len() as u64) as usize;
-        if want > 0 {
-            file.seek(SeekFrom::Start(at))?;
-            file.read_exact(&mut ours[..want.min(BLOCK)])?;
-            let k = want.min(BLOCK);
-            if incoming[..k] != ours[..k] {
-                return Err(ReceiveError::Mismatch);
-            }
-            incoming.drain(..k);
-            at += k as u64;
+    let mut ours = vec![0u8; BLOCK];
+    let mut matches = true;
+    let mut len = 0u64;
+    let mut last_report = Instant::now();
+    let ended = loop {
+        let n = match read_some(stream, &mut buf) {
+            Ok(0) => break None,
+            Ok(n) => n,
+            // A broken connection: decide with what came.
+            Err(e) => break Some(e),
+        };
+        if len + n as u64 > size {
+            return Err(ReceiveError::TooMuch(size));
         }
-        if at == have {
-            file.seek(SeekFrom::End(0))?;
-            return Ok(incoming);
+        if matches && len < offset {
+            let k = (offset - len).min(n as u64) as usize;
+            part.seek(SeekFrom::Start(len))?;
+            part.read_exact(&mut ours[..k])?;
+            matches = buf[..k] == ours[..k];
         }
-        let n = read_some(stream, &mut buf)?;
-        if n == 0 {
-            file.seek(SeekFrom::End(0))?;
-            return Err(ReceiveError::Incomplete {
-                got: at,
-                want: have,
-            });
+        scratch.write_all(&buf[..n])?;
+        len += n as u64;
+        *fetched += n as u64;
+        if last_report.elapsed() >= Duration::from_millis(500) {
+            last_report = Instant::now();
+            (f.progress)(offset + len.min(size - offset));
         }
-        incoming.extend_from_slice(&buf[..n]);
+    };
+    let continuation = size - offset;
+    let (from, add) = if !matches {
+        if len > continuation {
+            return Err(ReceiveError::TooMuch(size));
+        }
+        (0, len)
+    } else if len > continuation {
+        // The whole file again: its bytes after ours are new (those before matched).
+        (offset.min(len), len.saturating_sub(offset))
+    } else {
+        if len == continuation && ended.is_none() {
+            // The rest of the file, or its start cut short at just that length: this can
+            // only happen again, so the next try starts over.
+            dir.remove(part_name);
+        }
+        (0, 0)
+    };
+    if add > 0 {
+        scratch.seek(SeekFrom::Start(from))?;
+        part.seek(SeekFrom::End(0))?;
+        let copied = io::copy(&mut (&mut scratch).take(add), part)?;
+        if copied != add {
+            return Err(io::Error::other("the scratch file shrank").into());
+        }
+    }
+    let got = offset + add;
+    if got == size {
+        return Ok(());
+    }
+    match ended {
+        Some(e) => Err(e.into()),
+        None if len == 0 => Err(ReceiveError::Nothing),
+        None if add == 0 && matches => Err(ReceiveError::Ambiguous),
+        None => Err(ReceiveError::Incomplete { got, want: size }),
     }
 }
 
@@ -565,7 +595,7 @@ pub fn receive_dir(f: &Fetch, dir: &Dir, top: String) -> Result<(String, u64), R
                     ..want
                 };
                 here.set_state(&file, &part, &done.encode())?;
-                here.rename_file(&file, &part, &name)?;
+                here.rename_file_new(&file, &part, &name)?;
                 (f.progress)(got);
             }
             _ => return Err(ReceiveError::Stream("an entry of an unknown kind".into())),

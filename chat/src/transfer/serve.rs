@@ -36,6 +36,8 @@ pub const OFFER_LIFETIME: Duration = Duration::from_secs(3600);
 pub const MAX_OFFERS: usize = 256;
 /// Largest request read.
 const MAX_REQUEST: usize = 4096;
+/// The handshake and the request, in all.
+const REQUEST: Duration = Duration::from_secs(10);
 /// Files and directories walked in one directory stream.
 const MAX_WALK: usize = 100_000;
 const BLOCK: usize = 256 * 1024;
@@ -91,6 +93,23 @@ impl SentOffers {
         self.offers.values().cloned().collect()
     }
 
+    /// Whether `host` may fetch anything from us now (an offer to it lives).
+    fn serves(&mut self, now: Instant, via: Via, host: IpAddr) -> bool {
+        self.offers
+            .retain(|_, o| now.saturating_duration_since(o.made) < OFFER_LIFETIME);
+        let host = host.to_canonical();
+        self.offers
+            .values()
+            .any(|o| o.via == via && o.hosts.contains(&host))
+    }
+
+    /// Whether `host` is one an offer went to: only they may decline it.
+    pub fn offered_to(&self, packet: u64, host: IpAddr) -> bool {
+        self.offers
+            .get(&packet)
+            .is_some_and(|o| o.hosts.contains(&host.to_canonical()))
+    }
+
     /// The file a request names, if `host` may have it now.
     fn find(
         &mut self,
@@ -144,13 +163,33 @@ pub struct Server {
 }
 
 impl Server {
-    /// Accepts and serves connections on `listener` until the process ends.
+    /// Accepts and serves connections on `listener` until the process ends. A connection
+    /// from a host no live offer went to, or beyond [`MAX_SERVING`] at once, is closed at
+    /// once: nobody can hold the slots of the peers we offered files to.
     pub fn run(self: Arc<Self>, listener: TcpListener) {
         for conn in listener.incoming() {
-            let Ok(conn) = conn else { continue };
+            let conn = match conn {
+                Ok(c) => c,
+                // Out of descriptors, say: wait for some to close instead of spinning.
+                Err(_) => {
+                    corokit_common::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            let Ok(peer) = conn.peer_addr() else { continue };
+            let welcome = {
+                let mut offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
+                offers.serves(Instant::now(), self.via, peer.ip())
+            };
+            if !welcome {
+                continue;
+            }
+            let Some(slot) = self.slots.try_take() else {
+                continue;
+            };
             let server = self.clone();
             let _ = corokit_common::spawn(move || {
-                let _slot = server.slots.take();
+                let _slot = slot;
                 let _ = server.serve(conn);
             });
         }
@@ -158,12 +197,13 @@ impl Server {
 
     fn serve(&self, mut conn: TcpStream) -> io::Result<()> {
         let peer = conn.peer_addr()?;
-        conn.set_read_timeout(Some(STALL))?;
+        // The handshake and the request have REQUEST in all, however slowly they trickle.
+        conn.set_read_timeout(Some(REQUEST))?;
         conn.set_write_timeout(Some(STALL))?;
         let _ = conn.set_nodelay(true);
         match &self.key {
             None => {
-                let request = read_request(&mut conn)?;
+                let request = read_request(&mut Deadline::new(&mut conn, REQUEST))?;
                 let mut out = io::BufWriter::with_capacity(BLOCK, conn);
                 let whole = self.send(peer, request, &mut out)?;
                 out.flush()?;
@@ -179,7 +219,8 @@ impl Server {
                 let mut theirs = [0u8; 16];
                 conn.read_exact(&mut theirs)?;
                 let keys = key.for_stream(&ours, &theirs);
-                let mut reader = SealedReader::new(conn.try_clone()?, keys.to_server);
+                let mut reader =
+                    SealedReader::new(Deadline::new(conn.try_clone()?, REQUEST), keys.to_server);
                 let request = read_request(&mut reader)?;
                 // Its end frame is read too: unread data at close would reset the connection
                 // under the answer.
@@ -226,7 +267,7 @@ impl Server {
                 let mut file = File::open(&served.path)?;
                 file.seek(SeekFrom::Start(offset))?;
                 let sent = copy_exactly(&mut file, out, size - offset)?;
-                sent == size - offset
+                sent == size - offset && (sent > 0 || size == 0)
             }
             (mode::GETDIRFILES, true) => {
                 send_dir(&served.path, out)?;
@@ -308,6 +349,59 @@ fn complete_request(buf: &[u8]) -> Option<io::Result<(u32, Request)>> {
     )
 }
 
+/// Opens `path` for reading only if it is a regular file now (not a link, FIFO or device
+/// put there since it was listed): a FIFO would block the worker.
+fn open_regular(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_flags())
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    Ok(file)
+}
+
+fn libc_flags() -> i32 {
+    (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32
+}
+
+fn mtime_of(meta: &std::fs::Metadata) -> u64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A reader that fails once `limit` has passed since it was made, however slowly its
+/// bytes trickle in (each read still has the socket's own timeout).
+struct Deadline<R> {
+    inner: R,
+    until: Instant,
+}
+
+impl<R> Deadline<R> {
+    fn new(inner: R, limit: Duration) -> Self {
+        Deadline {
+            inner,
+            until: Instant::now() + limit,
+        }
+    }
+}
+
+impl<R: Read> Read for Deadline<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if Instant::now() >= self.until {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the request took too long",
+            ));
+        }
+        self.inner.read(buf)
+    }
+}
+
 /// Copies `len` bytes (at most) of `file` to `out`; the count copied.
 fn copy_exactly(file: &mut File, out: &mut dyn Write, len: u64) -> io::Result<u64> {
     let mut buf = vec![0u8; BLOCK];
@@ -329,10 +423,21 @@ fn copy_exactly(file: &mut File, out: &mut dyn Write, len: u64) -> io::Result<u6
 /// are left out; so is anything past [`MAX_WALK`] entries.
 fn send_dir(root: &Path, out: &mut dyn Write) -> io::Result<()> {
     let mut walked = 0;
-    walk(root, out, &mut walked)
+    walk(root, out, &mut walked, 0)
 }
 
-fn walk(dir: &Path, out: &mut dyn Write, walked: &mut usize) -> io::Result<()> {
+/// Levels below the offered directory that are sent (the receiver takes no more).
+const MAX_DEPTH: usize = 64;
+
+fn walk(dir: &Path, out: &mut dyn Write, walked: &mut usize, depth: usize) -> io::Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(io::Error::other(
+            "a directory deeper than the receiver takes",
+        ));
+    }
+    if std::fs::symlink_metadata(dir)?.file_type().is_symlink() {
+        return Err(io::Error::other("a directory became a link"));
+    }
     let name = dir
         .file_name()
         .map_or_else(|| ".".into(), |n| n.to_string_lossy().into_owned());
@@ -353,7 +458,7 @@ fn walk(dir: &Path, out: &mut dyn Write, walked: &mut usize) -> io::Result<()> {
         let kind = entry.file_type()?;
         let path = entry.path();
         if kind.is_dir() {
-            walk(&path, out, walked)?;
+            walk(&path, out, walked, depth + 1)?;
         } else if kind.is_file() {
             let (size, mtime, _) = identity(&path)?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -363,11 +468,13 @@ fn walk(dir: &Path, out: &mut dyn Write, walked: &mut usize) -> io::Result<()> {
                 REGULAR,
                 mtime,
             ))?;
-            let mut file = File::open(&path)?;
-            // A file that shrank meanwhile is padded, so the stream stays in step.
+            let mut file = open_regular(&path)?;
+            // A file that changed while it was sent ends the stream: the receiver sees it
+            // cut short and names nothing.
             let sent = copy_exactly(&mut file, out, size)?;
-            if sent < size {
-                io::copy(&mut io::repeat(0).take(size - sent), out)?;
+            let now = file.metadata()?;
+            if sent < size || now.len() != size || mtime_of(&now) != mtime {
+                return Err(io::Error::other("a file changed while it was sent"));
             }
         }
     }

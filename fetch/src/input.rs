@@ -4,8 +4,8 @@
 
 use crate::shown::Shown;
 
-/// One file to download, as the list describes it.
-#[derive(Debug, Clone, PartialEq)]
+/// One file to download, as the list describes it (and as a shared queue carries it).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Entry {
     /// 1-based line of the URL in the list.
     pub line: usize,
@@ -17,6 +17,9 @@ pub struct Entry {
     pub dir: Option<String>,
     /// `checksum=sha-256=HEX`: the expected SHA-256 of the file.
     pub sha256: Option<[u8; 32]>,
+    /// The id of the shared queue's stream entry it came from (see `queue`).
+    #[serde(skip)]
+    pub queue_id: Option<String>,
 }
 
 /// A line that could not be used; the rest of the list still runs.
@@ -91,6 +94,7 @@ impl Parser {
             out: None,
             dir: None,
             sha256: None,
+            queue_id: None,
         });
         out
     }

@@ -9,6 +9,7 @@ pub mod exchange;
 pub mod files;
 pub mod input;
 pub mod naming;
+pub mod queue;
 pub mod report;
 pub mod resume;
 pub mod shown;
@@ -24,8 +25,8 @@ use corokit_common::Shutdown;
 use may::sync::{mpmc, Semphore};
 
 use crate::download::Context;
-use crate::input::Parser;
-use crate::report::{Reporter, Summary};
+use crate::input::{Entry, Parser};
+use crate::report::{Record, Reporter, Summary};
 
 pub(crate) use corokit_common::text::hex;
 
@@ -172,6 +173,35 @@ pub fn check_jobs(jobs: usize) -> Result<(), RunError> {
     Ok(())
 }
 
+/// A `--limit-rate` value: a number of bytes per second with an optional K, M or G
+/// (powers of 1024).
+pub fn rate_arg(text: &str) -> Result<u64, RunError> {
+    let t = text.trim();
+    let usage = || {
+        RunError::Usage(format!(
+            "--limit-rate {text:?}: use a number with an optional K, M or G"
+        ))
+    };
+    let (digits, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c.to_ascii_uppercase()),
+        _ => (t, 'B'),
+    };
+    let factor: u64 = match unit {
+        'B' => 1,
+        'K' => 1024,
+        'M' => 1024 * 1024,
+        'G' => 1024 * 1024 * 1024,
+        _ => return Err(usage()),
+    };
+    let n: f64 = digits.parse().map_err(|_| usage())?;
+    if n.is_nan() || n <= 0.0 {
+        return Err(RunError::Usage(format!(
+            "--limit-rate {text:?} must be more than zero"
+        )));
+    }
+    Ok((n * factor as f64) as u64)
+}
+
 /// Why a run could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -193,58 +223,9 @@ pub enum RunError {
 
 /// Downloads every entry of `list` and returns the totals. Stops early, keeping partial
 /// files, when `shutdown` is requested.
-pub fn run(mut options: Options, list: Lines, shutdown: Shutdown) -> Result<Summary, RunError> {
-    let root = files::Dir::create(&options.output, files::OWNER).map_err(|source| {
-        RunError::OutputDir {
-            path: options.output.clone(),
-            source,
-        }
-    })?;
-    // fetch follows redirects itself, checking each one (see `exchange`).
-    options.http.max_redirects = 0;
-    let reporter = Reporter::new(options.quiet, options.report.as_ref()).map_err(|source| {
-        RunError::Report {
-            path: options.report.clone().unwrap_or_default(),
-            source,
-        }
-    })?;
-    let jobs = options.jobs.max(1);
-    let ctx = Arc::new(Context::new(options, root, reporter, shutdown.clone()));
-
-    // may's channels are unbounded: a semaphore of free places bounds the queue, so the
-    // producer reads the list only as fast as workers take entries.
-    let free = Arc::new(Semphore::new(jobs));
-    let (tx, rx) = mpmc::channel();
-    let active = Arc::new(AtomicUsize::new(0));
-    let mut workers = Vec::with_capacity(jobs);
-    for _ in 0..jobs {
-        let (ctx, rx, free, active) = (ctx.clone(), rx.clone(), free.clone(), active.clone());
-        workers.push(corokit_common::spawn(move || {
-            while let Ok(Some(entry)) = rx.recv() {
-                free.post();
-                let now = active.fetch_add(1, Ordering::Relaxed) + 1;
-                ctx.reporter.set_active(now);
-                // A panic is a bug; it fails its entry (and the run's exit status) instead of
-                // making the entry vanish with its worker.
-                let fetched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    download::fetch(&ctx, &entry)
-                }));
-                let record = fetched.unwrap_or_else(|panic| {
-                    let why = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    download::panicked(&entry, &why)
-                });
-                ctx.reporter.finished(&record);
-                let now = active.fetch_sub(1, Ordering::Relaxed) - 1;
-                ctx.reporter.set_active(now);
-            }
-        })?);
-    }
-    drop(rx);
-
+pub fn run(options: Options, list: Lines, shutdown: Shutdown) -> Result<Summary, RunError> {
+    let ctx = context(options, shutdown.clone())?;
+    let pool = Pool::start(&ctx, Arc::new(NoHooks))?;
     let mut parser = Parser::new();
     while !shutdown.is_requested() {
         let Some(line) = list.recv() else { break };
@@ -260,18 +241,141 @@ pub fn run(mut options: Options, list: Lines, shutdown: Shutdown) -> Result<Summ
             ctx.reporter.bad_line(&bad);
         }
         if let Some(entry) = parsed.entry {
-            free.wait();
-            let _ = tx.send(Some(entry));
+            pool.give(entry);
         }
     }
     if !shutdown.is_requested() {
         if let Some(entry) = parser.finish() {
-            let _ = tx.send(Some(entry));
+            pool.give(entry);
         }
     }
-    for _ in 0..jobs {
-        let _ = tx.send(None);
-    }
-    corokit_common::join_all(workers);
+    pool.finish();
     Ok(ctx.reporter.finish())
+}
+
+/// The shared state of a run: the output directory, the reporter and the options.
+pub(crate) fn context(mut options: Options, shutdown: Shutdown) -> Result<Arc<Context>, RunError> {
+    let root = files::Dir::create(&options.output, files::OWNER).map_err(|source| {
+        RunError::OutputDir {
+            path: options.output.clone(),
+            source,
+        }
+    })?;
+    // fetch follows redirects itself, checking each one (see `exchange`).
+    options.http.max_redirects = 0;
+    let reporter = Reporter::new(options.quiet, options.report.as_ref()).map_err(|source| {
+        RunError::Report {
+            path: options.report.clone().unwrap_or_default(),
+            source,
+        }
+    })?;
+    Ok(Arc::new(Context::new(options, root, reporter, shutdown)))
+}
+
+/// What a pool's owner does around each download.
+pub(crate) trait Hooks: Send + Sync {
+    /// Before the download; what it returns is handed to [`Hooks::done`].
+    fn begin(&self, _entry: &Entry) -> Option<Box<dyn std::any::Any + Send>> {
+        None
+    }
+    /// With the entry's record, once the reporter has it.
+    fn done(&self, entry: &Entry, record: &Record, begun: Option<Box<dyn std::any::Any + Send>>);
+}
+
+/// A local list's run: nothing around downloads.
+struct NoHooks;
+
+impl Hooks for NoHooks {
+    fn done(&self, _: &Entry, _: &Record, _: Option<Box<dyn std::any::Any + Send>>) {}
+}
+
+/// `jobs` download coroutines taking entries from a queue bounded to `jobs` places, so
+/// whoever gives entries goes only as fast as they are taken.
+pub(crate) struct Pool {
+    // may's channels are unbounded: a semaphore of free places bounds the queue.
+    free: Arc<Semphore>,
+    tx: mpmc::Sender<Option<Entry>>,
+    workers: Vec<may::coroutine::JoinHandle<()>>,
+}
+
+impl Pool {
+    pub(crate) fn start(ctx: &Arc<Context>, hooks: Arc<dyn Hooks>) -> Result<Pool, RunError> {
+        let jobs = ctx.options.jobs.max(1);
+        let free = Arc::new(Semphore::new(jobs));
+        let (tx, rx) = mpmc::channel();
+        let active = Arc::new(AtomicUsize::new(0));
+        let mut workers = Vec::with_capacity(jobs);
+        for _ in 0..jobs {
+            let (ctx, rx, free, active, hooks) = (
+                ctx.clone(),
+                rx.clone(),
+                free.clone(),
+                active.clone(),
+                hooks.clone(),
+            );
+            workers.push(corokit_common::spawn(move || {
+                while let Ok(Some(entry)) = rx.recv() {
+                    free.post();
+                    let now = active.fetch_add(1, Ordering::Relaxed) + 1;
+                    ctx.reporter.set_active(now);
+                    // A panic is a bug; it fails its entry (and the run's exit status)
+                    // instead of making the entry vanish with its worker.
+                    let begun = hooks.begin(&entry);
+                    let fetched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        download::fetch(&ctx, &entry)
+                    }));
+                    let record = fetched.unwrap_or_else(|panic| {
+                        let why = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        download::panicked(&entry, &why)
+                    });
+                    ctx.reporter.finished(&record);
+                    hooks.done(&entry, &record, begun);
+                    let now = active.fetch_sub(1, Ordering::Relaxed) - 1;
+                    ctx.reporter.set_active(now);
+                }
+            })?);
+        }
+        Ok(Pool { free, tx, workers })
+    }
+
+    /// Waits for a free place, then queues `entry`.
+    pub(crate) fn give(&self, entry: Entry) {
+        self.free.wait();
+        let _ = self.tx.send(Some(entry));
+    }
+
+    /// Waits for a free place; then as many more as are free too, up to `most`: the number
+    /// of entries that may be given at once without waiting.
+    pub(crate) fn places(&self, most: usize) -> usize {
+        self.free.wait();
+        let mut n = 1;
+        while n < most && self.free.try_wait() {
+            n += 1;
+        }
+        n
+    }
+
+    /// Queues `entry` into a place taken by [`Pool::places`].
+    pub(crate) fn put(&self, entry: Entry) {
+        let _ = self.tx.send(Some(entry));
+    }
+
+    /// Gives back places taken by [`Pool::places`] and not used.
+    pub(crate) fn unused(&self, n: usize) {
+        for _ in 0..n {
+            self.free.post();
+        }
+    }
+
+    /// Lets the coroutines finish what they have, and waits for them.
+    pub(crate) fn finish(self) {
+        for _ in 0..self.workers.len() {
+            let _ = self.tx.send(None);
+        }
+        corokit_common::join_all(self.workers);
+    }
 }

@@ -4,9 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use clap::Parser;
 use corokit_common::Shutdown;
+use corokit_fetch::queue::{self, worker::WorkOptions, Mode};
 use corokit_fetch::{run, Options};
 
 /// Download every URL in a list, concurrently, resumably.
@@ -18,6 +19,10 @@ use corokit_fetch::{run, Options};
 ///
 /// A file under its final name is always complete and one version of the server's bytes;
 /// nothing is written through a symbolic link, and files fetch did not write are not touched.
+///
+/// With --redis and --queue, any number of fetch processes share one queue in Redis:
+/// --enqueue LIST adds entries, --status shows the queue, and otherwise fetch works on it
+/// until it is drained (--follow: until stopped). The exit status is a local run's.
 ///
 /// Exit status: 0 when every file was downloaded or already complete; 1 when any download
 /// failed; 2 for usage errors (checked before any request), an unreadable list, or bad lines
@@ -31,8 +36,9 @@ use corokit_fetch::{run, Options};
     args_override_self = true
 )]
 struct Args {
-    /// The list of URLs, or - for standard input.
-    list: String,
+    /// The list of URLs, or - for standard input (not with --redis).
+    #[arg(required_unless_present_any = ["redis", "queue"])]
+    list: Option<String>,
     /// Directory to save into (created if missing).
     #[arg(short, long, default_value = ".")]
     output: PathBuf,
@@ -82,33 +88,36 @@ struct Args {
     /// Write one JSON object per URL to this file.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
+    /// Share a queue in Redis with other fetch processes: redis://HOST[:PORT][/DB]
+    /// [default: FETCH_REDIS]. Without --enqueue or --status, work on the queue.
+    #[arg(long, value_name = "URL", requires = "queue", conflicts_with = "list")]
+    redis: Option<String>,
+    /// The queue's name.
+    #[arg(long, value_name = "NAME")]
+    queue: Option<String>,
+    /// Add this list's entries to the queue (- for standard input), then exit.
+    #[arg(long, value_name = "LIST", conflicts_with = "status")]
+    enqueue: Option<String>,
+    /// Print what the queue holds, then exit.
+    #[arg(long)]
+    status: bool,
+    /// Keep waiting for new entries instead of ending when the queue is drained.
+    #[arg(long)]
+    follow: bool,
+    /// Seconds an entry may be held without a sign of life before another worker takes it.
+    #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+    claim_after: f64,
+    /// Deliveries after which an entry goes to the dead letters.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    max_deliveries: u64,
+    /// Serve a worker's Prometheus metrics at IP:PORT/metrics.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(value)
         .with_context(|| format!("--{name} {value} is not a number of seconds"))
-}
-
-fn rate(text: &str) -> anyhow::Result<u64> {
-    let t = text.trim();
-    let (digits, unit) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c.to_ascii_uppercase()),
-        _ => (t, 'B'),
-    };
-    let factor: u64 = match unit {
-        'B' => 1,
-        'K' => 1024,
-        'M' => 1024 * 1024,
-        'G' => 1024 * 1024 * 1024,
-        _ => bail!("--limit-rate {text:?}: use a number with an optional K, M or G"),
-    };
-    let n: f64 = digits.parse().with_context(|| {
-        format!("--limit-rate {text:?}: use a number with an optional K, M or G")
-    })?;
-    if n.is_nan() || n <= 0.0 {
-        bail!("--limit-rate {text:?} must be more than zero");
-    }
-    Ok((n * factor as f64) as u64)
 }
 
 fn options(args: &Args) -> anyhow::Result<Options> {
@@ -119,7 +128,11 @@ fn options(args: &Args) -> anyhow::Result<Options> {
         retries: args.retries,
         retry_wait: seconds("retry-wait", args.retry_wait)?,
         file_timeout: args.timeout.map(|t| seconds("timeout", t)).transpose()?,
-        limit_rate: args.limit_rate.as_deref().map(rate).transpose()?,
+        limit_rate: args
+            .limit_rate
+            .as_deref()
+            .map(corokit_fetch::rate_arg)
+            .transpose()?,
         content_disposition: args.content_disposition,
         quiet: args.quiet,
         report: args.report.clone(),
@@ -147,7 +160,14 @@ fn options(args: &Args) -> anyhow::Result<Options> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if args.redis.is_none() && args.queue.is_some() {
+        args.redis = std::env::var("FETCH_REDIS").ok();
+        if args.redis.is_none() {
+            eprintln!("fetch: --queue needs --redis URL (or FETCH_REDIS)");
+            return ExitCode::from(2);
+        }
+    }
     corokit_common::init();
     let options = match options(&args) {
         Ok(o) => o,
@@ -156,22 +176,44 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let list = if args.list == "-" {
-        corokit_common::stdin::lines()
-    } else {
-        match std::fs::File::open(&args.list) {
-            Ok(f) => corokit_common::stdin::read_lines(f),
-            Err(e) => {
-                eprintln!("fetch: cannot read the list {}: {e}", args.list);
-                return ExitCode::from(2);
-            }
-        }
-    };
     let shutdown = match Shutdown::on_signals() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("fetch: {e}");
             return ExitCode::from(2);
+        }
+    };
+    if let (Some(url), Some(queue)) = (&args.redis, &args.queue) {
+        let mode = match (&args.enqueue, args.status) {
+            (Some(list), _) => Mode::Enqueue(list.clone()),
+            (None, true) => Mode::Status,
+            (None, false) => match seconds("claim-after", args.claim_after) {
+                Ok(claim_after) if claim_after >= Duration::from_secs(1) => {
+                    Mode::Work(WorkOptions {
+                        follow: args.follow,
+                        claim_after,
+                        max_deliveries: args.max_deliveries,
+                        metrics: args.metrics,
+                    })
+                }
+                _ => {
+                    eprintln!("fetch: --claim-after is at least 1 second");
+                    return ExitCode::from(2);
+                }
+            },
+        };
+        return ExitCode::from(queue::main(mode, url, queue, options, shutdown));
+    }
+    let list = args.list.as_deref().unwrap_or("-");
+    let list = if list == "-" {
+        corokit_common::stdin::lines()
+    } else {
+        match std::fs::File::open(list) {
+            Ok(f) => corokit_common::stdin::read_lines(f),
+            Err(e) => {
+                eprintln!("fetch: cannot read the list {list}: {e}");
+                return ExitCode::from(2);
+            }
         }
     };
     match run(options, list, shutdown.clone()) {

@@ -95,6 +95,7 @@ pub struct Reporter {
     report: Option<Mutex<BufWriter<File>>>,
     totals: Mutex<Summary>,
     bytes: AtomicU64,
+    active: AtomicU64,
 }
 
 impl Reporter {
@@ -128,6 +129,7 @@ impl Reporter {
             report,
             totals: Mutex::new(Summary::default()),
             bytes: AtomicU64::new(0),
+            active: AtomicU64::new(0),
         })
     }
 
@@ -143,8 +145,13 @@ impl Reporter {
     /// outside in it is already quoted with `Shown`; the rest is escaped here too.
     pub fn note(&self, text: &str) {
         if !self.quiet {
-            self.line(&format!("fetch: {}", escape(&redact(text))));
+            self.warn(text);
         }
+    }
+
+    /// A line shown even with `-q`: trouble that is not one download's failure.
+    pub fn warn(&self, text: &str) {
+        self.line(&format!("fetch: {}", escape(&redact(text))));
     }
 
     pub fn bad_line(&self, bad: &BadLine) {
@@ -173,6 +180,7 @@ impl Reporter {
 
     /// Shows which downloads are running now (on the progress display only).
     pub fn set_active(&self, active: usize) {
+        self.active.store(active as u64, Ordering::Relaxed);
         if let Some(bar) = &self.bar {
             let t = self.totals.lock().unwrap_or_else(|e| e.into_inner());
             bar.set_message(format!(
@@ -180,6 +188,17 @@ impl Reporter {
                 t.ok, t.skipped, t.failed
             ));
         }
+    }
+
+    /// The totals so far (bytes included) and the downloads running now.
+    pub fn snapshot(&self) -> (Summary, u64) {
+        let mut t = self
+            .totals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        t.bytes = self.bytes.load(Ordering::Relaxed);
+        (t, self.active.load(Ordering::Relaxed))
     }
 
     pub fn finished(&self, record: &Record) {

@@ -1,0 +1,471 @@
+//! The shared queue end to end: a real `redis-server` on a free loopback port (its own, in a
+//! temp dir, stopped by the test), real fetch processes as workers, a local HTTP server.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use corokit_testkit::Server;
+use may::net::TcpStream;
+
+mod support;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A redis-server of our own; stopped on drop.
+struct RedisServer {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+    persistent: bool,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl RedisServer {
+    fn start(persistent: bool) -> RedisServer {
+        corokit_common::init();
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = RedisServer {
+            child: Command::new("true").spawn().unwrap(),
+            port: free_port(),
+            dir,
+            persistent,
+        };
+        r.launch();
+        r
+    }
+
+    fn launch(&mut self) {
+        let port = self.port.to_string();
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if self.persistent {
+            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            cmd.args(["--appendonly", "no"]);
+        }
+        self.child = cmd
+            .spawn()
+            .expect("redis-server is needed (Debian package redis-server; .ci/run installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            corokit_common::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs one command (as words) and returns its reply as text, through redis-cli's
+    /// protocol written by hand: the test needs no client of its own.
+    fn cmd(&self, words: &[&str]) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut req = format!("*{}\r\n", words.len());
+        for w in words {
+            req.push_str(&format!("${}\r\n{w}\r\n", w.len()));
+        }
+        s.write_all(req.as_bytes()).unwrap();
+        let mut r = BufReader::new(s);
+        read_reply(&mut r)
+    }
+
+    fn int(&self, words: &[&str]) -> i64 {
+        self.cmd(words).trim().parse().unwrap_or(0)
+    }
+
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A RESP reply as text: integers and strings as they are, arrays one element per line.
+fn read_reply(r: &mut impl BufRead) -> String {
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let (kind, rest) = line.split_at(1);
+    let rest = rest.trim_end();
+    match kind {
+        "+" | ":" | "-" => rest.to_string(),
+        "$" => {
+            let n: i64 = rest.parse().unwrap();
+            if n < 0 {
+                return String::new();
+            }
+            let mut buf = vec![0u8; n as usize + 2];
+            r.read_exact(&mut buf).unwrap();
+            String::from_utf8_lossy(&buf[..n as usize]).into_owned()
+        }
+        "*" => {
+            let n: i64 = rest.parse().unwrap();
+            (0..n.max(0))
+                .map(|_| read_reply(r))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+        _ => panic!("unexpected reply {line:?}"),
+    }
+}
+
+fn list_of(dir: &Path, server: &Server, n: usize) -> PathBuf {
+    let list: String = (0..n)
+        .map(|i| format!("{}\n", server.url(&format!("/f/{i}.bin"))))
+        .collect();
+    let path = dir.join("urls.txt");
+    std::fs::write(&path, list).unwrap();
+    path
+}
+
+fn queue(redis: &RedisServer, name: &str) -> Command {
+    let mut cmd = fetch_bin();
+    cmd.args(["--redis", &redis.url(), "--queue", name]);
+    cmd
+}
+
+fn worker(redis: &RedisServer, name: &str, out: &Path, extra: &[&str]) -> Child {
+    queue(redis, name)
+        .arg("-o")
+        .arg(out)
+        .args(["-q", "--retry-wait", "0.05", "--connect-timeout", "2"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for `child` to end (killing it after [`WAIT`]): its exit code and stderr.
+fn finish(mut child: Child) -> (i32, String) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            return (status.code().unwrap_or(-1), err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("a fetch process did not end within {WAIT:?}");
+        }
+        corokit_common::sleep(Duration::from_millis(50));
+    }
+}
+
+/// GET /metrics from a worker.
+fn scrape(addr: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // may_minihttp keeps the connection open: read until the whole body is in.
+    while !String::from_utf8_lossy(&got).contains("fetch_queue_lag") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the metrics connection closed");
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+fn counts(redis: &RedisServer, name: &str) -> (i64, i64, i64) {
+    let key = format!("fetch:{{{name}}}:counts");
+    let f = |c: &str| redis.int(&["HGET", &key, c]);
+    (f("ok"), f("failed"), f("dead"))
+}
+
+/// Every file of the list is in `out`, whole, and nothing else is.
+fn check_files(out: &Path, n: usize) {
+    for i in 0..n {
+        let got =
+            std::fs::read(out.join(format!("{i}.bin"))).unwrap_or_else(|e| panic!("{i}.bin: {e}"));
+        assert!(got == content(i), "{i}.bin differs");
+    }
+    let names: Vec<String> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with(".fetch"))
+        .collect();
+    assert_eq!(names.len(), n, "{names:?}");
+}
+
+#[test]
+fn three_workers_one_killed_lose_nothing_and_record_each_entry_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(false);
+    let server = files_server();
+    let n = 300;
+    let list = list_of(dir.path(), &server, n);
+    // The first 50 URLs again: workers sharing the directory must not write one file at once.
+    let mut text = std::fs::read_to_string(&list).unwrap();
+    text.push_str(
+        &text
+            .lines()
+            .take(50)
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+    );
+    std::fs::write(&list, text).unwrap();
+    let entries = n as i64 + 50;
+    let out = queue(&redis, "crawl")
+        .arg("--enqueue")
+        .arg(&list)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let shared = dir.path().join("out");
+    let args = ["-j", "4", "--claim-after", "1"];
+    let mut victim = worker(&redis, "crawl", &shared, &args);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut watched = args.to_vec();
+    watched.extend(["--metrics", &metrics]);
+    let others = vec![
+        worker(&redis, "crawl", &shared, &args),
+        worker(&redis, "crawl", &shared, &watched),
+    ];
+    // Killed in the middle, holding entries.
+    let deadline = Instant::now() + WAIT;
+    while counts(&redis, "crawl").0 < 60 {
+        assert!(Instant::now() < deadline, "nothing was done");
+        corokit_common::sleep(Duration::from_millis(10));
+    }
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let text = scrape(&metrics);
+    let ok: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fetch_files_total{outcome=\"ok\"} "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(ok > 0, "{text}");
+    assert!(text.contains("fetch_queue_lag ") && text.contains("fetch_active_downloads "));
+    for w in others {
+        let (code, err) = finish(w);
+        assert_eq!(code, 0, "{err}");
+    }
+    check_files(&shared, n);
+    assert_eq!(counts(&redis, "crawl"), (entries, 0, 0));
+    assert_eq!(redis.int(&["HLEN", "fetch:{crawl}:results"]), entries);
+    assert_eq!(
+        redis
+            .cmd(&["XPENDING", "fetch:{crawl}:jobs", "fetch"])
+            .lines()
+            .next(),
+        Some("0")
+    );
+    // Enqueueing the same list again adds nothing: it is continued, and it was whole.
+    let again = queue(&redis, "crawl")
+        .arg("--enqueue")
+        .arg(&list)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        said.contains("0 entries added") && said.contains("350 added before"),
+        "{said}"
+    );
+    let status = queue(&redis, "crawl").arg("--status").output().unwrap();
+    let said = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        said.contains("0 waiting, 0 in progress, 350 done, 0 failed, 0 dead"),
+        "{said}"
+    );
+}
+
+#[test]
+fn poison_entries_go_to_the_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(false);
+    let server = files_server();
+    let jobs = "fetch:{p}:jobs";
+    redis.cmd(&["XGROUP", "CREATE", jobs, "fetch", "0", "MKSTREAM"]);
+    // Not fetch's: garbage, and a field missing.
+    redis.cmd(&["XADD", jobs, "*", "entry", "{not json"]);
+    redis.cmd(&["XADD", jobs, "*", "other", "x"]);
+    // An entry whose workers kept dying: delivered five times, never acknowledged.
+    let entry = format!(
+        r#"{{"line":1,"urls":["{}"],"out":null,"dir":null,"sha256":null}}"#,
+        server.url("/f/1.bin")
+    );
+    let id = redis.cmd(&["XADD", jobs, "*", "entry", &entry]);
+    redis.cmd(&[
+        "XREADGROUP",
+        "GROUP",
+        "fetch",
+        "ghost",
+        "COUNT",
+        "3",
+        "STREAMS",
+        jobs,
+        ">",
+    ]);
+    for _ in 0..4 {
+        redis.cmd(&["XCLAIM", jobs, "fetch", "ghost", "0", &id]);
+    }
+    // And a good one.
+    let good = entry.replace("/f/1.bin", "/f/2.bin");
+    redis.cmd(&["XADD", jobs, "*", "entry", &good]);
+    let out = dir.path().join("out");
+    let (code, err) = finish(worker(
+        &redis,
+        "p",
+        &out,
+        &["--claim-after", "1", "--max-deliveries", "5"],
+    ));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(counts(&redis, "p"), (1, 0, 3));
+    assert!(out.join("2.bin").exists());
+    assert!(!out.join("1.bin").exists(), "a dead entry was downloaded");
+    let dead = redis.cmd(&["XRANGE", "fetch:{p}:dead", "-", "+"]);
+    assert!(dead.contains("not fetch's"), "{dead}");
+    assert!(dead.contains("no entry field"), "{dead}");
+    assert!(dead.contains("delivered 5 times"), "{dead}");
+    let status = queue(&redis, "p").arg("--status").output().unwrap();
+    assert!(String::from_utf8_lossy(&status.stdout).contains("1 done, 0 failed, 3 dead"));
+}
+
+#[test]
+fn a_worker_carries_on_when_redis_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start(true);
+    let server = files_server();
+    let n = 120;
+    let list = list_of(dir.path(), &server, n);
+    let added = queue(&redis, "r")
+        .arg("--enqueue")
+        .arg(&list)
+        .output()
+        .unwrap();
+    assert_eq!(added.status.code(), Some(0));
+    let out = dir.path().join("out");
+    let w = worker(&redis, "r", &out, &["-j", "2", "--claim-after", "2"]);
+    let deadline = Instant::now() + WAIT;
+    while counts(&redis, "r").0 < 20 {
+        assert!(Instant::now() < deadline, "nothing was done");
+        corokit_common::sleep(Duration::from_millis(10));
+    }
+    redis.stop();
+    corokit_common::sleep(Duration::from_millis(700));
+    redis.launch();
+    let (code, err) = finish(w);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("lost Redis") && err.contains("is back"),
+        "{err}"
+    );
+    check_files(&out, n);
+    assert_eq!(counts(&redis, "r"), (n as i64, 0, 0));
+    assert_eq!(redis.int(&["HLEN", "fetch:{r}:results"]), n as i64);
+}
+
+#[test]
+fn bad_queues_and_addresses_are_one_line_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(false);
+    redis.cmd(&["SET", "fetch:{s}:jobs", "someone else's"]);
+    let nobody = format!("redis://127.0.0.1:{}", free_port());
+    for (args, says) in [
+        (
+            vec!["--redis", &nobody, "--queue", "q", "--status"],
+            "cannot reach Redis",
+        ),
+        (
+            vec!["--redis", "http://x/", "--queue", "q", "--status"],
+            "--redis",
+        ),
+        (
+            vec![
+                "--redis",
+                "redis://:pw@127.0.0.1:1/x",
+                "--queue",
+                "q",
+                "--status",
+            ],
+            "database",
+        ),
+        (
+            vec!["--redis", &redis.url(), "--queue", "a b", "--status"],
+            "--queue",
+        ),
+        (
+            vec!["--redis", &redis.url(), "--queue", "s", "--status"],
+            "exists in Redis as a string",
+        ),
+        (
+            vec!["--redis", &redis.url(), "--queue", "s", "-o", "o"],
+            "exists in Redis as a string",
+        ),
+        (vec!["--queue", "q", "--status"], "needs --redis"),
+    ] {
+        let out = fetch_bin()
+            .current_dir(dir.path())
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!err.contains("pw"), "{err}");
+    }
+    assert_eq!(redis.cmd(&["GET", "fetch:{s}:jobs"]), "someone else's");
+}
+
+#[test]
+fn two_workers_given_one_url_at_once_leave_one_whole_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(false);
+    let body: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    let served = body.clone();
+    // Slow to answer, so both workers are inside the download together.
+    let server = Server::start(move |req| {
+        corokit_testkit::Response::file(req, &served, "\"big\"", LM)
+            .delay(Duration::from_millis(500))
+    });
+    let list = dir.path().join("urls.txt");
+    let url = server.url("/big.bin");
+    std::fs::write(&list, format!("{url}\n{url}\n")).unwrap();
+    let added = queue(&redis, "two")
+        .arg("--enqueue")
+        .arg(&list)
+        .output()
+        .unwrap();
+    assert_eq!(added.status.code(), Some(0));
+    let shared = dir.path().join("out");
+    let workers: Vec<Child> = (0..2)
+        .map(|_| worker(&redis, "two", &shared, &["-j", "1", "--claim-after", "2"]))
+        .collect();
+    for w in workers {
+        let (code, err) = finish(w);
+        assert_eq!(code, 0, "{err}");
+    }
+    assert_eq!(counts(&redis, "two"), (2, 0, 0));
+    assert!(std::fs::read(shared.join("big.bin")).unwrap() == body);
+}

@@ -121,11 +121,17 @@ impl Files {
             Err(e) => return self.out.line(format!("chat: {e}")),
         };
         let paths: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
-        match self.transfers.offer(to, &paths, "") {
-            Ok(packet) => self.out.line(format!(
+        // The offer hashes its files first, which takes a while for a large one: the
+        // commands go on meanwhile.
+        let (transfers, out) = (self.transfers.clone(), self.out.clone());
+        let offering = move || match transfers.offer(to, &paths, "") {
+            Ok(packet) => out.line(format!(
                 "chat: offered to {to} (offer {packet:x}; /withdraw {packet:x} to take it back)"
             )),
-            Err(e) => self.out.line(format!("chat: {}", escape(&e.to_string()))),
+            Err(e) => out.line(format!("chat: {}", escape(&e.to_string()))),
+        };
+        if let Err(e) = corokit_common::spawn(offering) {
+            self.out.line(format!("chat: {e}"));
         }
     }
 

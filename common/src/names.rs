@@ -10,17 +10,17 @@ pub struct SafeName {
     pub changed: bool,
 }
 
-/// Makes `name` a single safe path component: no separators, NUL, control or bidi
-/// characters, no `.`/`..`, no leading dot (hidden files, and our own state files), no
+/// Makes `name` a single safe path component: no separators, NUL, control, bidi, format or
+/// other invisible characters, no `.`/`..`, no leading dot (hidden files, and our own state files), no
 /// Windows device names, no names our partial/state files use, at most 200 bytes.
 pub fn sanitize(name: &str) -> SafeName {
     let mut out: String = name
         .chars()
         .map(|c| {
-            let bad = c == '/'
-                || c == '\\'
-                || c.is_control()
-                || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}');
+            // Every character the terminal escaping hides (controls, bidi and other format
+            // characters, separators, default-ignorables): a saved name cannot pass for
+            // another one beside it.
+            let bad = c == '/' || c == '\\' || crate::text::is_hidden(c);
             if bad {
                 '_'
             } else {
@@ -126,6 +126,10 @@ mod tests {
             ("CON.txt", "_CON.txt"),
             (".bashrc", "_bashrc"),
             ("evil\u{202e}txt.exe", "evil_txt.exe"),
+            // Look-alikes of `report.pdf` by invisible characters.
+            ("report\u{200b}.pdf", "report_.pdf"),
+            ("re\u{ad}port\u{2060}.pdf", "re_port_.pdf"),
+            ("a\u{2028}b\u{e0041}.pdf", "a_b_.pdf"),
             ("x.part", "x.part_"),
             ("", "_"),
         ] {

@@ -429,8 +429,13 @@ impl Transfers {
             o.clone()
         };
         let target = into.map_or_else(|| self.0.downloads.clone(), Path::to_path_buf);
-        let dir = Dir::create(&target, receive::OWNER)
-            .map_err(|e| format!("cannot use {}: {e}", target.display()))?;
+        let cannot = |e: std::io::Error| format!("cannot use {}: {e}", target.display());
+        Dir::create(&target, receive::OWNER).map_err(cannot)?;
+        // One spelling per directory, so two transfers into it by different paths see each
+        // other's names (see `reserve`).
+        let dir = std::fs::canonicalize(&target)
+            .and_then(|real| Dir::create(&real, receive::OWNER))
+            .map_err(cannot)?;
         let dir = Arc::new(dir);
         let left = Arc::new(Mutex::new((offer.files.len(), false)));
         for file in offer.files.clone() {

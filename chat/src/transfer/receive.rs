@@ -473,7 +473,17 @@ fn either_way(
 
 /// The first of `name`, `name.1`, … where nothing stands (nor its `.part`).
 pub fn free_name(dir: &Dir, name: &str, taken: &dyn Fn(&str) -> bool) -> Result<String, FileError> {
-    for n in 0..10_000 {
+    free_name_from(dir, name, taken, 0).map(|(name, _)| name)
+}
+
+/// [`free_name`], trying numbers from `first` on: the name and its number.
+fn free_name_from(
+    dir: &Dir,
+    name: &str,
+    taken: &dyn Fn(&str) -> bool,
+    first: u32,
+) -> Result<(String, u32), FileError> {
+    for n in first..first + 10_000 {
         let candidate = if n == 0 {
             name.to_string()
         } else {
@@ -485,7 +495,7 @@ pub fn free_name(dir: &Dir, name: &str, taken: &dyn Fn(&str) -> bool) -> Result<
             && free(&candidate).map_err(|source| io_error(dir, &candidate, source))?
             && free(&part).map_err(|source| io_error(dir, &part, source))?
         {
-            return Ok(candidate);
+            return Ok((candidate, n));
         }
     }
     Err(FileError::Foreign(dir.path(name)))
@@ -511,6 +521,8 @@ pub fn receive_dir(f: &Fetch, dir: &Dir, top: String) -> Result<(String, u64), R
     let mut entries = 0;
     let mut got = 0u64;
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let mut numbers: std::collections::HashMap<(usize, std::path::PathBuf, String), u32> =
+        std::collections::HashMap::new();
     loop {
         let header = loop {
             match offer::parse_dir_header(&pending, text)
@@ -570,7 +582,13 @@ pub fn receive_dir(f: &Fetch, dir: &Dir, top: String) -> Result<(String, u64), R
                     sha256: None,
                     complete: false,
                 };
-                let name = free_name(here, &names::sanitize(&entry.name).name, &|_| false)?;
+                // Numbers already given in this directory are not tried again: a stream of
+                // many entries of one name costs one try each, not all the numbers before.
+                let safe = names::sanitize(&entry.name).name;
+                let key = (stack.len(), here.path(""), safe.clone());
+                let first = numbers.get(&key).map_or(0, |n| n + 1);
+                let (name, n) = free_name_from(here, &safe, &|_| false, first)?;
+                numbers.insert(key, n);
                 let part = format!("{name}.part");
                 let mut file = here.create_with_state(&part, &want.encode(), &|_| false)?;
                 let mut left = entry.size;

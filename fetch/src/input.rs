@@ -2,6 +2,8 @@
 //! lists. Blank lines and `#` comments are ignored; tab-separated URLs on one line are
 //! mirrors of the same file; indented `key=value` lines under a URL set its options.
 
+use corokit_common::stdin::Lines;
+
 use crate::shown::Shown;
 
 /// One file to download, as the list describes it (and as a shared queue carries it).
@@ -186,6 +188,54 @@ fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
         out[i] = u8::from_str_radix(text, 16).ok()?;
     }
     Some(out)
+}
+
+/// Whether a command-line argument is a URL rather than a list's path: it starts with a
+/// scheme (`http://`, `https://`, or any `NAME://`, which then fails as a URL with a reason).
+pub fn looks_like_url(arg: &str) -> bool {
+    arg.split_once("://").is_some_and(|(scheme, _)| {
+        !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    })
+}
+
+/// The input of a run from its arguments: one list (`fetch LIST`), or URLs, with a list
+/// after `-i`. URLs come first (lines 1 to N, in order), then the list's lines (numbered on
+/// from N + 1). A URL argument with a tab or a line break in it would read as mirrors or two
+/// lines: it is refused, as is an argument that is not a URL beside others.
+pub fn command_line(args: &[String], input_file: Option<&str>) -> Result<Lines, String> {
+    let (urls, list) = match (args, input_file) {
+        ([one], None) if !looks_like_url(one) => (&[][..], Some(one.as_str())),
+        (urls, list) => (urls, list),
+    };
+    if let Some(odd) = urls.iter().find(|u| !looks_like_url(u)) {
+        return Err(format!(
+            "{} is not a URL; give one list, or URLs (a list with URLs goes after -i)",
+            Shown(odd)
+        ));
+    }
+    if let Some(bad) = urls.iter().find(|u| u.chars().any(|c| c.is_control())) {
+        return Err(format!(
+            "the URL argument {} has a control character in it",
+            Shown(bad)
+        ));
+    }
+    let given: String = urls.iter().map(|u| format!("{u}\n")).collect();
+    let given = std::io::Cursor::new(given.into_bytes());
+    Ok(match list {
+        None => corokit_common::stdin::read_lines(given),
+        Some("-") if urls.is_empty() => corokit_common::stdin::lines(),
+        Some("-") => {
+            return Err("standard input (-) as the list goes alone, without URL arguments".into())
+        }
+        Some(path) => {
+            let file = std::fs::File::open(path)
+                .map_err(|e| format!("cannot read the list {}: {e}", Shown(path)))?;
+            corokit_common::stdin::read_lines(std::io::Read::chain(given, file))
+        }
+    })
 }
 
 #[cfg(test)]

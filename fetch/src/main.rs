@@ -10,9 +10,10 @@ use corokit_common::Shutdown;
 use corokit_fetch::queue::{self, worker::WorkOptions, Mode};
 use corokit_fetch::{run, Options};
 
-/// Download every URL in a list, concurrently, resumably.
+/// Download every URL in a list (or given as arguments), concurrently, resumably.
 ///
-/// The list has one URL per line (`-` reads it from standard input). Blank lines and lines
+/// `fetch LIST`, `fetch URL...` or `fetch -i LIST [URL...]`. The list has one URL per line
+/// (`-` reads it from standard input). Blank lines and lines
 /// starting with `#` are ignored. Like aria2 input files, tab-separated URLs on one line are
 /// mirrors of the same file, and indented lines under a URL set `out=NAME`, `dir=SUBDIR` or
 /// `checksum=sha-256=HEX` for it.
@@ -36,9 +37,12 @@ use corokit_fetch::{run, Options};
     args_override_self = true
 )]
 struct Args {
-    /// The list of URLs, or - for standard input (not with --redis).
-    #[arg(required_unless_present_any = ["redis", "queue"])]
-    list: Option<String>,
+    /// URLs to download, or one list of URLs (- for standard input); not with --redis.
+    #[arg(value_name = "LIST|URL", required_unless_present_any = ["redis", "queue", "input_file"])]
+    inputs: Vec<String>,
+    /// The list of URLs (- for standard input), besides any URLs given as arguments.
+    #[arg(short = 'i', long, value_name = "LIST")]
+    input_file: Option<String>,
     /// Directory to save into (created if missing).
     #[arg(short, long, default_value = ".")]
     output: PathBuf,
@@ -90,7 +94,7 @@ struct Args {
     report: Option<PathBuf>,
     /// Share a queue in Redis with other fetch processes: redis://HOST[:PORT][/DB]
     /// [default: FETCH_REDIS]. Without --enqueue or --status, work on the queue.
-    #[arg(long, value_name = "URL", requires = "queue", conflicts_with = "list")]
+    #[arg(long, value_name = "URL", requires = "queue", conflicts_with_all = ["inputs", "input_file"])]
     redis: Option<String>,
     /// The queue's name.
     #[arg(long, value_name = "NAME")]
@@ -204,16 +208,11 @@ fn main() -> ExitCode {
         };
         return ExitCode::from(queue::main(mode, url, queue, options, shutdown));
     }
-    let list = args.list.as_deref().unwrap_or("-");
-    let list = if list == "-" {
-        corokit_common::stdin::lines()
-    } else {
-        match std::fs::File::open(list) {
-            Ok(f) => corokit_common::stdin::read_lines(f),
-            Err(e) => {
-                eprintln!("fetch: cannot read the list {list}: {e}");
-                return ExitCode::from(2);
-            }
+    let list = match corokit_fetch::input::command_line(&args.inputs, args.input_file.as_deref()) {
+        Ok(lines) => lines,
+        Err(e) => {
+            eprintln!("fetch: {e}");
+            return ExitCode::from(2);
         }
     };
     match run(options, list, shutdown.clone()) {

@@ -918,3 +918,48 @@ fn user_agent_redirect_limit_and_whole_file_timeout() {
     let agent = std::fs::read_to_string(out(dir.path(), "ua")).unwrap();
     assert!(agent.starts_with("corokit/"), "{agent}");
 }
+
+#[test]
+fn urls_as_arguments_and_a_list_after_i() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = files_server();
+    let out = dir.path().join("out");
+    let list = dir.path().join("more.txt");
+    std::fs::write(&list, format!("{}\n", server.url("/f/3.bin"))).unwrap();
+    let run = |args: &[&str]| {
+        let o = fetch_bin()
+            .args(args)
+            .arg("-o")
+            .arg(&out)
+            .args(["-q", "--retries", "0"])
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (a, b) = (server.url("/f/1.bin"), server.url("/f/2.bin"));
+    assert_eq!(run(&[&a, &b]), (Some(0), String::new()));
+    let (code, err) = run(&["-i", list.to_str().unwrap(), &a]);
+    assert_eq!(code, Some(0), "{err}");
+    for i in 1..=3 {
+        assert_eq!(
+            std::fs::read(out.join(format!("{i}.bin"))).unwrap(),
+            content(i)
+        );
+    }
+    // Not a URL beside URLs, a control character in one, a scheme fetch does not speak.
+    let (code, err) = run(&[&a, "list.txt"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("is not a URL") && err.lines().count() == 1,
+        "{err}"
+    );
+    let (code, err) = run(&[&format!("{a}\tftp://x/y")]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("control character"), "{err}");
+    let (code, err) = run(&["ftp://x/y"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("only http and https"), "{err}");
+}

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::checksum::{Algo, Checksum, Hasher};
 use corokit_common::{Slot, Slots, TokenBucket};
 use may::sync::SyncFlag;
-use ring::digest;
 
 use crate::exchange::{self, Failure};
 use crate::files::{self, Dir, FileError, Kind};
@@ -503,11 +503,11 @@ fn run_started(
     record.path = Some(dir.path(&claim.name));
     if claim.plan() == Plan::Skip {
         record.bytes = claim.size(&claim.name).unwrap_or(0);
-        match &entry.sha256 {
+        match &entry.checksum {
             None => return Ok(Outcome::Skipped),
             Some(want) => match verify(dir, &claim.name, want) {
-                Ok(hex) => {
-                    record.sha256 = Some(hex);
+                Ok(shown) => {
+                    record.checksum = Some(shown);
                     return Ok(Outcome::Skipped);
                 }
                 Err(Failure::Checksum { .. }) => {
@@ -665,8 +665,8 @@ fn header<'a>(rsp: &'a ureq::http::Response<ureq::Body>, name: &str) -> Option<&
     rsp.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
-/// The SHA-256 being computed over what is written, when a checksum is expected.
-struct Hashing(Option<digest::Context>);
+/// The checksum being computed over what is written, when one is expected.
+struct Hashing(Option<Hasher>);
 
 impl Hashing {
     fn update(&mut self, bytes: &[u8]) {
@@ -717,8 +717,8 @@ fn attempt<'a>(
         Decision::StartOver(why) => Err(Failure::StartOver(why)),
         Decision::Complete => {
             let file = claim.dir.open(&claim.part)?;
-            let hashing = match entry.sha256 {
-                Some(_) => Hashing(Some(hash_file(claim.dir, &claim.part)?)),
+            let hashing = match &entry.checksum {
+                Some(c) => Hashing(Some(hash_file(claim.dir, &claim.part, c.algo)?)),
                 None => Hashing(None),
             };
             finish(entry, claim, file, hashing, record)
@@ -731,8 +731,8 @@ fn attempt<'a>(
                     "the partial file is {on_disk} bytes, not the {offset} asked from"
                 )));
             }
-            let hashing = match entry.sha256 {
-                Some(_) => Hashing(Some(hash_file(claim.dir, &claim.part)?)),
+            let hashing = match &entry.checksum {
+                Some(c) => Hashing(Some(hash_file(claim.dir, &claim.part, c.algo)?)),
                 None => Hashing(None),
             };
             let hashing = receive(ctx, claim, &mut file, rsp, Some(length), hashing, deadline)?;
@@ -753,7 +753,7 @@ fn attempt<'a>(
                 ));
             }
             let state = State::new(&entry.urls[0], answer.etag, answer.last_modified, length);
-            let hashing = Hashing(entry.sha256.map(|_| digest::Context::new(&digest::SHA256)));
+            let hashing = Hashing(entry.checksum.as_ref().map(|c| c.algo.hasher()));
             if length.is_some_and(|l| l <= SMALL_BODY) {
                 return receive_small(ctx, entry, claim, rsp, state, hashing, record);
             }
@@ -835,8 +835,8 @@ fn receive_small(
         )));
     }
     hashing.update(&body);
-    if let Some(want) = &entry.sha256 {
-        record.sha256 = Some(check_digest(hashing, want)?);
+    if let Some(want) = &entry.checksum {
+        record.checksum = Some(check_digest(hashing, want)?);
     }
     if files::link_new(claim.dir, &claim.name, &body, &state)? {
         claim.remove_stale_part(&entry.urls[0]);
@@ -950,8 +950,8 @@ fn finish(
             )));
         }
     }
-    if let Some(want) = &entry.sha256 {
-        record.sha256 = Some(check_digest(hashing, want)?);
+    if let Some(want) = &entry.checksum {
+        record.checksum = Some(check_digest(hashing, want)?);
     }
     state.complete = true;
     state.length = Some(size);
@@ -962,9 +962,9 @@ fn finish(
 }
 
 /// The SHA-256 context of what `name` holds so far.
-fn hash_file(dir: &Dir, name: &str) -> Result<digest::Context, Failure> {
+fn hash_file(dir: &Dir, name: &str, algo: Algo) -> Result<Hasher, Failure> {
     let mut file = dir.open(name)?;
-    let mut ctx = digest::Context::new(&digest::SHA256);
+    let mut ctx = algo.hasher();
     let mut buf = vec![0u8; BLOCK];
     loop {
         let n = file
@@ -977,24 +977,23 @@ fn hash_file(dir: &Dir, name: &str) -> Result<digest::Context, Failure> {
     }
 }
 
-/// The file's SHA-256 in hex if it matches `want`, else a checksum failure.
-fn verify(dir: &Dir, name: &str, want: &[u8; 32]) -> Result<String, Failure> {
-    check_digest(Hashing(Some(hash_file(dir, name)?)), want)
+/// The file's checksum (`ALGO=HEX`) if it matches `want`, else a checksum failure.
+fn verify(dir: &Dir, name: &str, want: &Checksum) -> Result<String, Failure> {
+    check_digest(Hashing(Some(hash_file(dir, name, want.algo)?)), want)
 }
 
-/// The digest in hex if it is the one wanted, else a checksum failure.
-fn check_digest(hashing: Hashing, want: &[u8; 32]) -> Result<String, Failure> {
-    let got = hashing
-        .0
-        .map(|c| crate::hex(c.finish().as_ref()))
-        .unwrap_or_default();
-    let want = crate::hex(want);
-    if got == want {
-        Ok(got)
+/// The checksum (`ALGO=HEX`) if it is the one wanted, else a checksum failure.
+fn check_digest(hashing: Hashing, want: &Checksum) -> Result<String, Failure> {
+    let got = Checksum {
+        algo: want.algo,
+        digest: hashing.0.map(Hasher::finish).unwrap_or_default(),
+    };
+    if &got == want {
+        Ok(got.shown())
     } else {
         Err(Failure::Checksum {
-            want: format!("sha-256 {want}"),
-            got,
+            want: want.shown(),
+            got: got.shown(),
         })
     }
 }

@@ -4,6 +4,7 @@
 
 use corokit_common::stdin::Lines;
 
+use crate::checksum::Checksum;
 use crate::shown::Shown;
 
 /// One file to download, as the list describes it (and as a shared queue carries it).
@@ -17,8 +18,8 @@ pub struct Entry {
     pub out: Option<String>,
     /// `dir=`: a subdirectory of the output directory.
     pub dir: Option<String>,
-    /// `checksum=sha-256=HEX`: the expected SHA-256 of the file.
-    pub sha256: Option<[u8; 32]>,
+    /// `checksum=ALGO=HEX`: what the file must hash to.
+    pub checksum: Option<Checksum>,
     /// The id of the shared queue's stream entry it came from (see `queue`).
     #[serde(skip)]
     pub queue_id: Option<String>,
@@ -95,7 +96,7 @@ impl Parser {
             urls,
             out: None,
             dir: None,
-            sha256: None,
+            checksum: None,
             queue_id: None,
         });
         out
@@ -157,37 +158,10 @@ fn apply_option(entry: &mut Entry, option: &str) -> Result<(), String> {
     match key.trim() {
         "out" => entry.out = Some(value.to_string()),
         "dir" => entry.dir = Some(value.to_string()),
-        "checksum" => {
-            let (algo, hex) = value
-                .split_once('=')
-                .ok_or_else(|| "checksum must be sha-256=HEX".to_string())?;
-            if !algo.eq_ignore_ascii_case("sha-256") {
-                return Err(format!(
-                    "checksum type {} is not supported (use sha-256)",
-                    Shown(algo)
-                ));
-            }
-            entry.sha256 = Some(
-                parse_sha256(hex)
-                    .ok_or_else(|| format!("{} is not a SHA-256 (64 hex digits)", Shown(hex)))?,
-            );
-        }
+        "checksum" => entry.checksum = Some(Checksum::parse(value)?),
         other => return Err(format!("unknown option {}", Shown(other))),
     }
     Ok(())
-}
-
-fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
-    let hex = hex.trim().as_bytes();
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in hex.chunks(2).enumerate() {
-        let text = std::str::from_utf8(pair).ok()?;
-        out[i] = u8::from_str_radix(text, 16).ok()?;
-    }
-    Some(out)
 }
 
 /// Whether a command-line argument is a URL rather than a list's path: it starts with a
@@ -205,10 +179,21 @@ pub fn looks_like_url(arg: &str) -> bool {
 /// after `-i`. URLs come first (lines 1 to N, in order), then the list's lines (numbered on
 /// from N + 1). A URL argument with a tab or a line break in it would read as mirrors or two
 /// lines: it is refused, as is an argument that is not a URL beside others.
-pub fn command_line(args: &[String], input_file: Option<&str>) -> Result<Lines, String> {
+///
+/// `checksum` (`--checksum ALGO=HEX`) is for one URL given as the only argument.
+pub fn command_line(
+    args: &[String],
+    input_file: Option<&str>,
+    checksum: Option<&str>,
+) -> Result<Lines, String> {
     let (urls, list) = match (args, input_file) {
         ([one], None) if !looks_like_url(one) => (&[][..], Some(one.as_str())),
         (urls, list) => (urls, list),
+    };
+    let option = match (checksum, urls, list) {
+        (None, ..) => String::new(),
+        (Some(c), [_], None) => format!("  checksum={}\n", Checksum::parse(c)?.shown()),
+        (Some(_), ..) => return Err("--checksum goes with one URL and no list".into()),
     };
     if let Some(odd) = urls.iter().find(|u| !looks_like_url(u)) {
         return Err(format!(
@@ -222,7 +207,7 @@ pub fn command_line(args: &[String], input_file: Option<&str>) -> Result<Lines, 
             Shown(bad)
         ));
     }
-    let given: String = urls.iter().map(|u| format!("{u}\n")).collect();
+    let given: String = urls.iter().map(|u| format!("{u}\n{option}")).collect();
     let given = std::io::Cursor::new(given.into_bytes());
     Ok(match list {
         None => corokit_common::stdin::read_lines(given),
@@ -266,7 +251,11 @@ mod tests {
         assert_eq!(entries[0].urls, ["http://a/x.bin", "http://b/x.bin"]);
         assert_eq!(entries[0].out.as_deref(), Some("y.bin"));
         assert_eq!(entries[0].dir.as_deref(), Some("sub"));
-        assert_eq!(entries[0].sha256, Some([0xab; 32]));
+        let c = entries[0].checksum.as_ref().unwrap();
+        assert_eq!(
+            (c.algo, c.digest.clone()),
+            (crate::checksum::Algo::Sha256, vec![0xab; 32])
+        );
         assert_eq!((entries[1].line, entries[1].urls.len()), (7, 1));
     }
 

@@ -4,6 +4,7 @@
 //! coroutines take the next entry when they are free, so memory does not grow with the
 //! length of the list. Each entry is downloaded by [`download::fetch`].
 
+pub mod checksum;
 pub mod download;
 pub mod exchange;
 pub mod files;

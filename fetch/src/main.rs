@@ -43,6 +43,10 @@ struct Args {
     /// The list of URLs (- for standard input), besides any URLs given as arguments.
     #[arg(short = 'i', long, value_name = "LIST")]
     input_file: Option<String>,
+    /// The checksum the one URL given must match: md5, sha-1, sha-224, sha-256, sha-384 or
+    /// sha-512 (as in a list's checksum= option).
+    #[arg(long, value_name = "ALGO=HEX")]
+    checksum: Option<String>,
     /// Directory to save into (created if missing).
     #[arg(short, long, default_value = ".")]
     output: PathBuf,
@@ -208,7 +212,11 @@ fn main() -> ExitCode {
         };
         return ExitCode::from(queue::main(mode, url, queue, options, shutdown));
     }
-    let list = match corokit_fetch::input::command_line(&args.inputs, args.input_file.as_deref()) {
+    let list = match corokit_fetch::input::command_line(
+        &args.inputs,
+        args.input_file.as_deref(),
+        args.checksum.as_deref(),
+    ) {
         Ok(lines) => lines,
         Err(e) => {
             eprintln!("fetch: {e}");

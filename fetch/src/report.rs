@@ -43,7 +43,8 @@ pub struct Record {
     #[serde(serialize_with = "seconds")]
     pub elapsed: Duration,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub sha256: Option<String>,
+    /// `ALGO=HEX`, when the file matched the checksum it was given.
+    pub checksum: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -64,7 +65,7 @@ impl Record {
             attempts: 0,
             duplicate_of: None,
             elapsed: Duration::ZERO,
-            sha256: None,
+            checksum: None,
             error: None,
         }
     }

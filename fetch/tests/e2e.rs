@@ -442,7 +442,10 @@ fn checksums_mirrors_and_options_from_the_list() {
     assert!(run.stderr.contains("checksum mismatch"), "{}", run.stderr);
     let lines = report_lines(&report);
     let five = lines.iter().find(|l| l["line"] == 1).unwrap();
-    assert_eq!(five["sha256"], digest(&content(5)));
+    assert_eq!(
+        five["checksum"],
+        format!("sha-256={}", digest(&content(5))).as_str()
+    );
 }
 
 #[test]
@@ -962,4 +965,64 @@ fn urls_as_arguments_and_a_list_after_i() {
     let (code, err) = run(&["ftp://x/y"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("only http and https"), "{err}");
+}
+
+#[test]
+fn every_checksum_algorithm_of_aria2_with_a_good_and_a_bad_sum() {
+    use corokit_fetch::checksum::Algo;
+    let dir = tempfile::tempdir().unwrap();
+    let server = files_server();
+    let url = server.url("/f/4.bin");
+    for (k, algo) in [
+        Algo::Md5,
+        Algo::Sha1,
+        Algo::Sha224,
+        Algo::Sha256,
+        Algo::Sha384,
+        Algo::Sha512,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut h = algo.hasher();
+        h.update(&content(4));
+        let good = corokit_common::text::hex(&h.finish());
+        let mut bad = good.clone().into_bytes();
+        bad[0] = if bad[0] == b'0' { b'1' } else { b'0' };
+        let bad = String::from_utf8(bad).unwrap();
+        for (sum, code) in [(&bad, 1), (&good, 0)] {
+            let out = dir.path().join(format!("out{k}"));
+            let o = fetch_bin()
+                .arg(&url)
+                .arg("--checksum")
+                .arg(format!("{}={sum}", algo.name()))
+                .arg("-o")
+                .arg(&out)
+                .args(["-q", "--retries", "0"])
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(code), "{} {sum}: {err}", algo.name());
+            assert_eq!(out.join("4.bin").exists(), code == 0, "{}", algo.name());
+        }
+    }
+    // A checksum with a list, or two URLs, or a wrong length: usage errors.
+    for args in [
+        vec![
+            url.clone(),
+            url.clone(),
+            "--checksum".into(),
+            "md5=00".into(),
+        ],
+        vec![url.clone(), "--checksum".into(), "md5=00".into()],
+        vec![url.clone(), "--checksum".into(), "crc32=00000000".into()],
+    ] {
+        let o = fetch_bin()
+            .args(&args)
+            .arg("-o")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+    }
 }

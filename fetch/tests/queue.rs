@@ -311,7 +311,7 @@ fn poison_entries_go_to_the_dead_letters() {
     redis.cmd(&["XADD", jobs, "*", "other", "x"]);
     // An entry whose workers kept dying: delivered five times, never acknowledged.
     let entry = format!(
-        r#"{{"line":1,"urls":["{}"],"out":null,"dir":null,"sha256":null}}"#,
+        r#"{{"line":1,"urls":["{}"],"out":null,"dir":null,"checksum":null}}"#,
         server.url("/f/1.bin")
     );
     let id = redis.cmd(&["XADD", jobs, "*", "entry", &entry]);

@@ -451,6 +451,31 @@ impl Dir {
         Ok(())
     }
 
+    /// The modification time of `name` (not followed if a link), if it can be read.
+    pub fn modified(&self, name: &str) -> Option<std::time::SystemTime> {
+        let st = rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+        let secs = u64::try_from(st.st_mtime).ok()?;
+        Some(std::time::UNIX_EPOCH + std::time::Duration::new(secs, st.st_mtime_nsec as u32))
+    }
+
+    /// Sets the modification time of `name` (not followed if a link).
+    pub fn set_modified(&self, name: &str, when: std::time::SystemTime) -> io::Result<()> {
+        let since = when
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let times = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_OMIT,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: since.as_secs() as i64,
+                tv_nsec: since.subsec_nanos() as _,
+            },
+        };
+        rustix::fs::utimensat(&self.fd, name, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)
+    }
+
     /// A scratch file in this directory that has no name and is gone when closed.
     pub fn scratch(&self) -> Result<File, FileError> {
         let flags = OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC;

@@ -264,6 +264,7 @@ impl Context {
                 part,
                 state,
                 released,
+                if_newer: None,
             });
         }
         Err(failed(Failure::NameClash(format!(
@@ -314,6 +315,8 @@ struct Claim<'a> {
     part: String,
     state: Option<State>,
     released: Arc<SyncFlag>,
+    /// `-N`: ask for the file only if the server's copy is newer than this HTTP date.
+    if_newer: Option<String>,
 }
 
 impl Drop for Claim<'_> {
@@ -503,12 +506,12 @@ fn run_started(
     record.path = Some(dir.path(&claim.name));
     if claim.plan() == Plan::Skip {
         record.bytes = claim.size(&claim.name).unwrap_or(0);
-        match &entry.checksum {
-            None => return Ok(Outcome::Skipped),
+        let good = match &entry.checksum {
+            None => true,
             Some(want) => match verify(dir, &claim.name, want) {
                 Ok(shown) => {
                     record.checksum = Some(shown);
-                    return Ok(Outcome::Skipped);
+                    true
                 }
                 Err(Failure::Checksum { .. }) => {
                     // fetch's own file, and wrong: downloaded again into `.part`, and only
@@ -518,9 +521,21 @@ fn run_started(
                         dir.path(&claim.name).display()
                     ));
                     claim.state = None;
+                    false
                 }
                 Err(other) => return Err(other),
             },
+        };
+        if good {
+            // With -N, asked again only if the server's copy is newer than ours (which
+            // stays untouched until a newer one is whole).
+            let since = dir
+                .modified(&claim.name)
+                .filter(|_| ctx.options.timestamping);
+            match since {
+                Some(t) => claim.if_newer = Some(httpdate::fmt_http_date(t)),
+                None => return Ok(Outcome::Skipped),
+            }
         }
     }
     // With --content-disposition the server may still rename a download nobody has started.
@@ -568,7 +583,13 @@ fn run_started(
             .or_else(|| claim.size(&claim.part))
             .unwrap_or(0);
         let failure = match result {
-            Ok(()) => return Ok(Outcome::Ok),
+            Err(Failure::NotModified) => return Ok(Outcome::Skipped),
+            Ok(()) => {
+                if ctx.options.remote_time {
+                    remote_time(&claim);
+                }
+                return Ok(Outcome::Ok);
+            }
             Err(f) => f,
         };
         match &failure {
@@ -695,7 +716,12 @@ fn attempt<'a>(
             }
             Ask::Whole
         }
-        Plan::Skip => Ask::Whole,
+        Plan::Skip => match &claim.if_newer {
+            Some(since) => Ask::IfNewer {
+                since: since.clone(),
+            },
+            None => Ask::Whole,
+        },
     };
     let (rsp, _final_url) = exchange::get(ctx, url, &ask, deadline)?;
     let status = rsp.status().as_u16();
@@ -714,6 +740,7 @@ fn attempt<'a>(
             retry_after: header(&rsp, "Retry-After").and_then(retry_after),
         }),
         Decision::Refuse(why) => Err(Failure::Refused(why)),
+        Decision::Unchanged => Err(Failure::NotModified),
         Decision::StartOver(why) => Err(Failure::StartOver(why)),
         Decision::Complete => {
             let file = claim.dir.open(&claim.part)?;
@@ -961,7 +988,20 @@ fn finish(
     Ok(())
 }
 
-/// The SHA-256 context of what `name` holds so far.
+/// Gives a downloaded file the server's Last-Modified as its modification time (`-R`, as
+/// curl does); a date that does not parse leaves the time of the download.
+fn remote_time(claim: &Claim<'_>) {
+    let when = claim
+        .state
+        .as_ref()
+        .and_then(|s| s.last_modified.as_deref())
+        .and_then(|d| httpdate::parse_http_date(d).ok());
+    if let Some(when) = when {
+        let _ = claim.dir.set_modified(&claim.name, when);
+    }
+}
+
+/// The checksum context of what `name` holds so far.
 fn hash_file(dir: &Dir, name: &str, algo: Algo) -> Result<Hasher, Failure> {
     let mut file = dir.open(name)?;
     let mut ctx = algo.hasher();

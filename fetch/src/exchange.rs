@@ -58,6 +58,10 @@ pub enum Failure {
     AsLine { line: usize, error: String },
     #[error("stopped by a signal; the partial file is kept for the next run")]
     Interrupted,
+    /// `-N`: the server's copy is not newer than the file we have (not a failure: the
+    /// download ends as already complete).
+    #[error("not modified")]
+    NotModified,
 }
 
 impl Failure {
@@ -278,10 +282,14 @@ fn send(
         for (name, value) in headers {
             req = req.header(name.as_str(), value.as_str());
         }
-        if let Ask::From { offset, validator } = ask {
-            req = req
-                .header("Range", format!("bytes={offset}-"))
-                .header("If-Range", validator.as_str());
+        match ask {
+            Ask::From { offset, validator } => {
+                req = req
+                    .header("Range", format!("bytes={offset}-"))
+                    .header("If-Range", validator.as_str());
+            }
+            Ask::IfNewer { since } => req = req.header("If-Modified-Since", since.as_str()),
+            Ask::Whole => {}
         }
         let limit = deadline.map(|(_, limit)| limit);
         if let Some((until, limit)) = deadline {

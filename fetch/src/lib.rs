@@ -49,6 +49,10 @@ pub struct Options {
     /// Total bytes per second across all downloads.
     pub limit_rate: Option<u64>,
     pub content_disposition: bool,
+    /// Give each downloaded file the server's Last-Modified as its time.
+    pub remote_time: bool,
+    /// Fetch a complete file again only if the server's copy is newer (`-N`).
+    pub timestamping: bool,
     pub quiet: bool,
     pub report: Option<PathBuf>,
     pub http: HttpOptions,
@@ -67,6 +71,8 @@ impl Default for Options {
             max_redirects: 10,
             limit_rate: None,
             content_disposition: false,
+            remote_time: false,
+            timestamping: false,
             quiet: false,
             report: None,
             http: HttpOptions::default(),

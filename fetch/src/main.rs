@@ -90,6 +90,13 @@ struct Args {
     /// Save under the file name the server suggests in Content-Disposition (made safe).
     #[arg(long)]
     content_disposition: bool,
+    /// Ask again for files already complete, and download one again only if the server's
+    /// copy is newer (If-Modified-Since with the file's time; wget -N).
+    #[arg(short = 'N', long)]
+    timestamping: bool,
+    /// Give each downloaded file the server's Last-Modified as its time (curl -R).
+    #[arg(short = 'R', long)]
+    remote_time: bool,
     /// Print only failures.
     #[arg(short, long)]
     quiet: bool,
@@ -142,6 +149,8 @@ fn options(args: &Args) -> anyhow::Result<Options> {
             .map(corokit_fetch::rate_arg)
             .transpose()?,
         content_disposition: args.content_disposition,
+        remote_time: args.remote_time,
+        timestamping: args.timestamping,
         quiet: args.quiet,
         report: args.report.clone(),
         ..Options::default()

@@ -188,6 +188,11 @@ pub fn plan(state: Option<&State>, done: Option<u64>, part: Option<u64>) -> Plan
 #[derive(Debug, Clone, PartialEq)]
 pub enum Ask {
     Whole,
+    /// The whole file with `If-Modified-Since: SINCE` (`-N`): a complete file is fetched
+    /// again only if the server's copy is newer.
+    IfNewer {
+        since: String,
+    },
     /// `Range: bytes=OFFSET-` with `If-Range: VALIDATOR`.
     From {
         offset: u64,
@@ -224,6 +229,8 @@ pub enum Decision {
     StartOver(String),
     /// The answer cannot be used, and asking the same server again will not help.
     Refuse(String),
+    /// 304 to [`Ask::IfNewer`]: the file we have is the server's.
+    Unchanged,
     /// Not a success: redirects, errors and retries are the caller's.
     NotSuccess,
 }
@@ -271,11 +278,12 @@ pub fn decide(ask: &Ask, record: Option<&State>, answer: &Answer<'_>) -> Decisio
     };
     match (answer.status, ask) {
         (200, _) => whole(),
-        (206, Ask::Whole) => Decision::Refuse(
+        (304, Ask::IfNewer { .. }) => Decision::Unchanged,
+        (206, Ask::Whole | Ask::IfNewer { .. }) => Decision::Refuse(
             "the server sent part of the file (206) for a request of all of it".into(),
         ),
         (206, Ask::From { offset, validator }) => continuation(*offset, validator, record, answer),
-        (416, Ask::Whole) => {
+        (416, Ask::Whole | Ask::IfNewer { .. }) => {
             Decision::Refuse("the server answered 416 to a request for the whole file".into())
         }
         (416, Ask::From { offset, .. }) => {

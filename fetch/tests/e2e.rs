@@ -1026,3 +1026,104 @@ fn every_checksum_algorithm_of_aria2_with_a_good_and_a_bad_sum() {
         assert_eq!(o.status.code(), Some(2), "{args:?}");
     }
 }
+
+#[test]
+fn remote_time_gives_files_the_servers_last_modified() {
+    let dir = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+    let server = corokit_testkit::Server::start(move |req| {
+        let body = if req.path == "/big.bin" {
+            big.clone()
+        } else {
+            content(1)
+        };
+        corokit_testkit::Response::file(req, &body, "\"v\"", LM)
+    });
+    let want = httpdate::parse_http_date(LM).unwrap();
+    for (args, server_time) in [(&["-R"][..], true), (&[][..], false)] {
+        let out = dir.path().join(format!("out{server_time}"));
+        let o = fetch_bin()
+            .arg(server.url("/small.bin"))
+            .arg(server.url("/big.bin"))
+            .args(args)
+            .arg("-o")
+            .arg(&out)
+            .arg("-q")
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0));
+        for name in ["small.bin", "big.bin"] {
+            let mtime = std::fs::metadata(out.join(name))
+                .unwrap()
+                .modified()
+                .unwrap();
+            assert_eq!(mtime == want, server_time, "{name} {args:?}");
+        }
+    }
+}
+
+#[test]
+fn timestamping_fetches_a_complete_file_again_only_when_the_server_has_a_newer_one() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let version = Arc::new(AtomicUsize::new(1));
+    let asked: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let (v, a) = (version.clone(), asked.clone());
+    let server = corokit_testkit::Server::start(move |req| {
+        let n = v.load(Ordering::SeqCst);
+        // Version 1 is old; version 2 is newer than any copy made by this test.
+        let lm = if n == 1 {
+            httpdate::parse_http_date(LM).unwrap()
+        } else {
+            std::time::SystemTime::now() + Duration::from_secs(86_400)
+        };
+        let ims = req.header("If-Modified-Since").map(str::to_string);
+        a.lock().unwrap().push(ims.clone());
+        if let Some(since) = ims.and_then(|s| httpdate::parse_http_date(&s).ok()) {
+            if lm <= since {
+                return corokit_testkit::Response::new(304, Vec::new());
+            }
+        }
+        corokit_testkit::Response::file(
+            req,
+            &content(n),
+            &format!("\"v{n}\""),
+            &httpdate::fmt_http_date(lm),
+        )
+    });
+    let url = server.url("/t.bin");
+    let out = dir.path().join("out");
+    let run = |extra: &[&str]| {
+        let o = fetch_bin()
+            .arg(&url)
+            .args(extra)
+            .arg("-o")
+            .arg(&out)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    assert_eq!(run(&[]).0, Some(0));
+    // Without -N a complete file is not asked for at all.
+    assert_eq!(run(&[]).0, Some(0));
+    assert_eq!(asked.lock().unwrap().len(), 1);
+    // With -N: asked with the file's time, 304, kept.
+    let (code, err) = run(&["-N"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("already complete") || err.contains("1 already complete"),
+        "{err}"
+    );
+    assert!(asked.lock().unwrap()[1].is_some());
+    assert_eq!(std::fs::read(out.join("t.bin")).unwrap(), content(1));
+    // A newer copy on the server: downloaded and put in place whole.
+    version.store(2, Ordering::SeqCst);
+    let (code, err) = run(&["-N"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(std::fs::read(out.join("t.bin")).unwrap(), content(2));
+    assert!(!out.join("t.bin.part").exists());
+}

@@ -299,7 +299,7 @@ fn random_server_answers_never_finish_a_file_that_is_not_one_version() {
             let total = v.bytes.len() as u64;
             let asked_from = match &ask {
                 Ask::From { offset, .. } => *offset,
-                Ask::Whole => 0,
+                Ask::Whole | Ask::IfNewer { .. } => 0,
             };
             let start = match rng.u8(0..4) {
                 0 => rng.u64(0..=total),
@@ -359,7 +359,7 @@ fn random_server_answers_never_finish_a_file_that_is_not_one_version() {
                     disk.part = None;
                     disk.state = None;
                 }
-                Decision::Refuse(_) | Decision::NotSuccess => {}
+                Decision::Refuse(_) | Decision::NotSuccess | Decision::Unchanged => {}
             }
             if let Some(done) = &disk.done {
                 assert!(
@@ -369,4 +369,33 @@ fn random_server_answers_never_finish_a_file_that_is_not_one_version() {
             }
         }
     }
+}
+
+#[test]
+fn a_conditional_ask_is_unchanged_on_304_and_never_takes_a_part() {
+    let ask = Ask::IfNewer {
+        since: "Sun, 22 Nov 2026 01:00:00 GMT".into(),
+    };
+    let answer = |status| Answer {
+        status,
+        ..Answer::default()
+    };
+    assert_eq!(decide(&ask, None, &answer(304)), Decision::Unchanged);
+    assert_eq!(
+        decide(&ask, None, &answer(200)),
+        Decision::Whole { length: None }
+    );
+    assert!(matches!(
+        decide(&ask, None, &answer(206)),
+        Decision::Refuse(_)
+    ));
+    assert!(matches!(
+        decide(&ask, None, &answer(416)),
+        Decision::Refuse(_)
+    ));
+    // 304 is not a success to anything else.
+    assert_eq!(
+        decide(&Ask::Whole, None, &answer(304)),
+        Decision::NotSuccess
+    );
 }

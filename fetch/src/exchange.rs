@@ -184,6 +184,28 @@ pub fn resolve_location(base: &str, location: &str) -> Result<String, Failure> {
     Ok(next.into())
 }
 
+/// `Authorization: Basic …` for `host`: `--user`/`--password`, else its `--netrc` login;
+/// none when an `-H Authorization` is given.
+fn basic_auth(ctx: &Context, host: Option<&str>) -> Option<String> {
+    use base64::Engine;
+    let o = &ctx.options;
+    if o.headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("authorization"))
+    {
+        return None;
+    }
+    let (user, password) = match &o.login {
+        Some((u, p)) => (u.clone(), p.clone()),
+        None => {
+            let l = crate::netrc::find(&o.netrc, host?)?;
+            (l.login.clone(), l.password.clone())
+        }
+    };
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    Some(format!("Basic {token}"))
+}
+
 /// Scheme, host and port: where credentials may go.
 fn origin(url: &str) -> Option<(String, String, Option<u16>)> {
     let u = url::Url::parse(url).ok()?;
@@ -207,11 +229,13 @@ pub fn get(
     let mut current = url.to_string();
     let mut seen: Vec<String> = Vec::new();
     let home = origin(url);
+    let auth = basic_auth(ctx, home.as_ref().map(|(_, host, _)| host.as_str()));
     loop {
-        // The user's headers (tokens, API keys, cookies) go only to the origin of the URL in
-        // the list, never to another host a redirect names.
+        // The user's headers (tokens, API keys, cookies) and logins go only to the origin of
+        // the URL in the list, never to another host a redirect names.
         let own_headers = origin(&current) == home;
-        let rsp = send(ctx, &current, ask, deadline, own_headers)?;
+        let auth = auth.as_deref().filter(|_| own_headers);
+        let rsp = send(ctx, &current, ask, deadline, own_headers, auth)?;
         let status = rsp.status().as_u16();
         if !matches!(status, 301 | 302 | 303 | 307 | 308) {
             return Ok((rsp, current));
@@ -257,6 +281,7 @@ fn send(
     ask: &Ask,
     deadline: Option<(Instant, Duration)>,
     own_headers: bool,
+    auth: Option<&str>,
 ) -> Result<Response<Body>, Failure> {
     let headers: &[(String, String)] = match own_headers {
         true => &ctx.options.headers,
@@ -265,6 +290,7 @@ fn send(
     // The request line, Host, our headers and the user's, with room for ureq's own.
     let head = url.len()
         + 256
+        + auth.map_or(0, |a| a.len() + 20)
         + headers
             .iter()
             .map(|(n, v)| n.len() + v.len() + 4)
@@ -281,6 +307,9 @@ fn send(
         let mut req = ctx.agent.get(url).header("Accept-Encoding", "identity");
         for (name, value) in headers {
             req = req.header(name.as_str(), value.as_str());
+        }
+        if let Some(auth) = auth {
+            req = req.header("Authorization", auth);
         }
         match ask {
             Ask::From { offset, validator } => {

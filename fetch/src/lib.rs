@@ -5,11 +5,13 @@
 //! length of the list. Each entry is downloaded by [`download::fetch`].
 
 pub mod checksum;
+pub mod cli;
 pub mod download;
 pub mod exchange;
 pub mod files;
 pub mod input;
 pub mod naming;
+pub mod netrc;
 pub mod queue;
 pub mod report;
 pub mod resume;
@@ -53,6 +55,10 @@ pub struct Options {
     pub remote_time: bool,
     /// Fetch a complete file again only if the server's copy is newer (`-N`).
     pub timestamping: bool,
+    /// `--user`/`--password`: sent (Basic) to the host of each list URL, never elsewhere.
+    pub login: Option<(String, String)>,
+    /// `--netrc`: logins by host, used when there is no `--user`.
+    pub netrc: Vec<netrc::Login>,
     pub quiet: bool,
     pub report: Option<PathBuf>,
     pub http: HttpOptions,
@@ -73,6 +79,8 @@ impl Default for Options {
             content_disposition: false,
             remote_time: false,
             timestamping: false,
+            login: None,
+            netrc: Vec::new(),
             quiet: false,
             report: None,
             http: HttpOptions::default(),
@@ -178,6 +186,53 @@ pub fn check_jobs(jobs: usize) -> Result<(), RunError> {
         )));
     }
     Ok(())
+}
+
+/// The logins of `--user USER[:PASSWORD]`, `--password` and `--netrc` (`$NETRC`, else
+/// `~/.netrc`), checked at start.
+pub fn login_args(
+    user: Option<&str>,
+    password: Option<&str>,
+    use_netrc: bool,
+) -> Result<Logins, RunError> {
+    let login = match (user, password) {
+        (None, None) => None,
+        (None, Some(_)) => return Err(RunError::Usage("--password goes with --user".into())),
+        (Some(u), Some(p)) => Some((u.to_string(), p.to_string())),
+        (Some(u), None) => Some(match u.split_once(':') {
+            Some((u, p)) => (u.to_string(), p.to_string()),
+            None => (u.to_string(), String::new()),
+        }),
+    };
+    if login
+        .as_ref()
+        .is_some_and(|(u, p)| u.contains(':') || format!("{u}{p}").chars().any(char::is_control))
+    {
+        return Err(RunError::Usage(
+            "--user: a user name without ':' and no control characters".into(),
+        ));
+    }
+    let mut logins = Vec::new();
+    if use_netrc {
+        let path = std::env::var_os("NETRC")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".netrc")))
+            .ok_or_else(|| RunError::Usage("--netrc: neither NETRC nor HOME is set".into()))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            RunError::Usage(format!("--netrc: cannot read {}: {e}", path.display()))
+        })?;
+        logins = netrc::parse(&text);
+    }
+    Ok(Logins {
+        login,
+        netrc: logins,
+    })
+}
+
+/// What [`login_args`] read.
+pub struct Logins {
+    pub login: Option<(String, String)>,
+    pub netrc: Vec<netrc::Login>,
 }
 
 /// A `--limit-rate` value: a number of bytes per second with an optional K, M or G

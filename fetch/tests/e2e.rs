@@ -1127,3 +1127,73 @@ fn timestamping_fetches_a_complete_file_again_only_when_the_server_has_a_newer_o
     assert_eq!(std::fs::read(out.join("t.bin")).unwrap(), content(2));
     assert!(!out.join("t.bin.part").exists());
 }
+
+#[test]
+fn logins_go_to_the_list_urls_host_only_and_never_show() {
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    // Another origin, which a redirect names: it must never see the login.
+    let seen_elsewhere: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let seen = seen_elsewhere.clone();
+    let other = corokit_testkit::Server::start(move |req| {
+        seen.lock()
+            .unwrap()
+            .push(req.header("Authorization").map(str::to_string));
+        corokit_testkit::Response::file(req, &content(7), "\"o\"", LM)
+    });
+    let away = other.url("/away.bin");
+    let server = corokit_testkit::Server::start(move |req| {
+        // user:s3cret
+        if req.header("Authorization") != Some("Basic dXNlcjpzM2NyZXQ=") {
+            return corokit_testkit::Response::new(401, "who are you?");
+        }
+        if req.path == "/moved.bin" {
+            return corokit_testkit::Response::redirect(302, &away);
+        }
+        corokit_testkit::Response::file(req, &content(6), "\"s\"", LM)
+    });
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::fs::write(
+        home.join(".netrc"),
+        "machine other.example login nobody password x\nmachine 127.0.0.1 login user password s3cret\n",
+    )
+    .unwrap();
+    let run = |login: &[&str], k: usize| {
+        let o = fetch_bin()
+            .env("HOME", &home)
+            .arg(server.url("/secret.bin"))
+            .arg(server.url("/moved.bin"))
+            .args(login)
+            .arg("-o")
+            .arg(dir.path().join(format!("out{k}")))
+            .args(["--retries", "0"])
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    for (k, login) in [
+        vec!["--user", "user:s3cret"],
+        vec!["--user", "user", "--password", "s3cret"],
+        vec!["--netrc"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (code, err) = run(login, k);
+        assert_eq!(code, Some(0), "{login:?}: {err}");
+        assert!(!err.contains("s3cret"), "{err}");
+        let out = dir.path().join(format!("out{k}"));
+        assert_eq!(std::fs::read(out.join("secret.bin")).unwrap(), content(6));
+        assert_eq!(std::fs::read(out.join("moved.bin")).unwrap(), content(7));
+    }
+    assert!(seen_elsewhere.lock().unwrap().iter().all(Option::is_none));
+    // Without a login: 401, and a wrong one is not retried forever.
+    let (code, _) = run(&[], 9);
+    assert_eq!(code, Some(1));
+    let (code, err) = run(&["--password", "x"], 10);
+    assert_eq!(code, Some(2), "{err}");
+}

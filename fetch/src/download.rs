@@ -344,6 +344,15 @@ impl Claim<'_> {
         )
     }
 
+    /// Fails with [`Failure::Busy`] when another process holds the `.part` for writing: it
+    /// is not replaced under that writer.
+    fn not_busy(&self) -> Result<(), Failure> {
+        match self.dir.open(&self.part) {
+            Ok(f) => writing(&f, self),
+            Err(_) => Ok(()),
+        }
+    }
+
     /// Forgets the partial file: the next request asks for the whole file.
     fn discard_part(&mut self) {
         self.dir.remove(&self.part);
@@ -390,10 +399,10 @@ pub fn fetch(ctx: &Context, entry: &Entry) -> Record {
     match result {
         Ok(outcome) => record.outcome = outcome,
         Err(failure) => {
-            record.outcome = if matches!(failure, Failure::Interrupted) {
-                Outcome::Interrupted
-            } else {
-                Outcome::Failed
+            record.outcome = match failure {
+                Failure::Interrupted => Outcome::Interrupted,
+                Failure::Busy(_) | Failure::File(FileError::Io { .. }) => Outcome::Deferred,
+                _ => Outcome::Failed,
             };
             record.error = Some(crate::shown::redact(&failure.to_string()).into_owned());
         }
@@ -752,6 +761,7 @@ fn attempt<'a>(
         }
         Decision::Append { offset, length, .. } => {
             let mut file = claim.dir.append(&claim.part)?;
+            writing(&file, claim)?;
             let on_disk = file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
             if on_disk != offset {
                 return Err(Failure::StartOver(format!(
@@ -784,7 +794,9 @@ fn attempt<'a>(
             if length.is_some_and(|l| l <= SMALL_BODY) {
                 return receive_small(ctx, entry, claim, rsp, state, hashing, record);
             }
+            claim.not_busy()?;
             let mut file = files::create_part(claim.dir, &claim.part, &state)?;
+            writing(&file, claim)?;
             claim.state = Some(state);
             remember_numbered(ctx, claim, &entry.urls[0])?;
             let hashing = receive(ctx, claim, &mut file, rsp, length, hashing, deadline)?;
@@ -868,7 +880,9 @@ fn receive_small(
     if files::link_new(claim.dir, &claim.name, &body, &state)? {
         claim.remove_stale_part(&entry.urls[0]);
     } else {
+        claim.not_busy()?;
         let mut file = files::create_part(claim.dir, &claim.part, &state)?;
+        writing(&file, claim)?;
         file.write_all(&body)
             .map_err(disk("writing", &claim.dir.path(&claim.part)))?;
         claim.dir.rename_file(&file, &claim.part, &claim.name)?;
@@ -878,6 +892,21 @@ fn receive_small(
 }
 
 /// A disk failure on `path`, for `map_err`.
+/// Holds `file` (the `.part`) for writing: another fetch process writing it (a worker of a
+/// shared queue on the same directory) holds it already, and then this download waits for
+/// another time rather than write the same bytes twice. The lock goes with the descriptor.
+fn writing(file: &File, claim: &Claim<'_>) -> Result<(), Failure> {
+    use rustix::fs::{flock, FlockOperation};
+    match flock(file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(Failure::Busy(
+            claim.dir.path(&claim.part).display().to_string(),
+        )),
+        // A file system without locks: nothing to learn from it.
+        Err(_) => Ok(()),
+    }
+}
+
 fn disk(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Failure {
     let path = path.to_path_buf();
     move |source| Failure::File(FileError::Io { what, path, source })

@@ -58,6 +58,9 @@ pub enum Failure {
     AsLine { line: usize, error: String },
     #[error("stopped by a signal; the partial file is kept for the next run")]
     Interrupted,
+    /// Another fetch process is writing this file now.
+    #[error("{0} is being written by another fetch; left for later")]
+    Busy(String),
     /// `-N`: the server's copy is not newer than the file we have (not a failure: the
     /// download ends as already complete).
     #[error("not modified")]

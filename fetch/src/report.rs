@@ -25,6 +25,10 @@ pub enum Outcome {
     Failed,
     /// Stopped by Ctrl-C or SIGTERM; the partial file is kept.
     Interrupted,
+    /// Not done for a reason of this machine's, not the server's: another fetch is writing
+    /// the file, or the disk failed. Counted as failed; a shared queue leaves it for another
+    /// worker instead of recording it.
+    Deferred,
 }
 
 /// One line of the report: everything known about one entry.
@@ -208,7 +212,7 @@ impl Reporter {
             match record.outcome {
                 Outcome::Ok => t.ok += 1,
                 Outcome::Skipped => t.skipped += 1,
-                Outcome::Failed => t.failed += 1,
+                Outcome::Failed | Outcome::Deferred => t.failed += 1,
                 Outcome::Interrupted => t.interrupted += 1,
             }
         }
@@ -218,7 +222,7 @@ impl Reporter {
             .map(|p| p.display().to_string())
             .unwrap_or_default();
         match record.outcome {
-            Outcome::Failed => self.line(&format!(
+            Outcome::Failed | Outcome::Deferred => self.line(&format!(
                 "fetch: FAILED line {} {}: {}",
                 record.line,
                 Shown(&record.url),

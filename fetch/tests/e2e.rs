@@ -1197,3 +1197,43 @@ fn logins_go_to_the_list_urls_host_only_and_never_show() {
     let (code, err) = run(&["--password", "x"], 10);
     assert_eq!(code, Some(2), "{err}");
 }
+
+#[test]
+fn two_fetches_never_write_one_partial_file_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let body: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
+    let served = body.clone();
+    // Each answer sends 600 kB and stalls: the first fetch holds its .part meanwhile, with
+    // its first 256 KiB blocks written.
+    let server = corokit_testkit::Server::start(move |req| {
+        corokit_testkit::Response::file(req, &served, "\"b\"", LM).fault(
+            corokit_testkit::Fault::StallAfter(600_000, Duration::from_millis(1500)),
+        )
+    });
+    let url = server.url("/b.bin");
+    let out = dir.path().join("out");
+    let fetch = || {
+        let mut c = fetch_bin();
+        c.arg(&url)
+            .arg("-o")
+            .arg(&out)
+            .args(["-q", "--retry-wait", "0.05", "--read-timeout", "5"]);
+        c
+    };
+    let mut first = fetch().spawn().unwrap();
+    let part = out.join("b.bin.part");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&part).map_or(0, |m| m.len()) < 262_144 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first fetch never wrote"
+        );
+        corokit_common::sleep(Duration::from_millis(10));
+    }
+    let second = fetch().output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(err.contains("being written by another fetch"), "{err}");
+    assert_eq!(first.wait().unwrap().code(), Some(0));
+    assert!(std::fs::read(out.join("b.bin")).unwrap() == body);
+}

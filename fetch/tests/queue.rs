@@ -329,6 +329,17 @@ fn poison_entries_go_to_the_dead_letters() {
     for _ in 0..4 {
         redis.cmd(&["XCLAIM", jobs, "fetch", "ghost", "0", &id]);
     }
+    // A mirror fetch would never take from a list, and a dir= a thousand levels deep.
+    let mirror = entry.replace(
+        &format!(r#"["{}"]"#, server.url("/f/1.bin")),
+        &format!(r#"["{}","file:///etc/passwd"]"#, server.url("/f/3.bin")),
+    );
+    redis.cmd(&["XADD", jobs, "*", "entry", &mirror]);
+    let deep = entry.replace("/f/1.bin", "/f/4.bin").replace(
+        r#""dir":null"#,
+        &format!(r#""dir":"{}""#, "a/".repeat(1000)),
+    );
+    redis.cmd(&["XADD", jobs, "*", "entry", &deep]);
     // And a good one.
     let good = entry.replace("/f/1.bin", "/f/2.bin");
     redis.cmd(&["XADD", jobs, "*", "entry", &good]);
@@ -340,15 +351,17 @@ fn poison_entries_go_to_the_dead_letters() {
         &["--claim-after", "1", "--max-deliveries", "5"],
     ));
     assert_eq!(code, 0, "{err}");
-    assert_eq!(counts(&redis, "p"), (1, 0, 3));
+    assert_eq!(counts(&redis, "p"), (1, 0, 5));
     assert!(out.join("2.bin").exists());
     assert!(!out.join("1.bin").exists(), "a dead entry was downloaded");
     let dead = redis.cmd(&["XRANGE", "fetch:{p}:dead", "-", "+"]);
     assert!(dead.contains("not fetch's"), "{dead}");
     assert!(dead.contains("no entry field"), "{dead}");
     assert!(dead.contains("delivered 5 times"), "{dead}");
+    assert!(dead.contains("a URL fetch does not take"), "{dead}");
+    assert!(dead.contains("too long or too deep"), "{dead}");
     let status = queue(&redis, "p").arg("--status").output().unwrap();
-    assert!(String::from_utf8_lossy(&status.stdout).contains("1 done, 0 failed, 3 dead"));
+    assert!(String::from_utf8_lossy(&status.stdout).contains("1 done, 0 failed, 5 dead"));
 }
 
 #[test]
@@ -468,4 +481,76 @@ fn two_workers_given_one_url_at_once_leave_one_whole_file() {
     }
     assert_eq!(counts(&redis, "two"), (2, 0, 0));
     assert!(std::fs::read(shared.join("big.bin")).unwrap() == body);
+}
+
+#[test]
+fn a_live_worker_never_takes_back_an_entry_another_claimed_and_stops_on_sigterm_without_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start(false);
+    let body: Vec<u8> = (0..2_000_000u32).map(|i| (i % 239) as u8).collect();
+    // A slow answer: the worker holds its entry for a while.
+    let server = Server::start(move |req| {
+        corokit_testkit::Response::file(req, &body, "\"s\"", LM).fault(
+            corokit_testkit::Fault::StallAfter(300_000, Duration::from_secs(5)),
+        )
+    });
+    let list = dir.path().join("urls.txt");
+    std::fs::write(&list, format!("{}\n", server.url("/slow.bin"))).unwrap();
+    let added = queue(&redis, "s")
+        .arg("--enqueue")
+        .arg(&list)
+        .output()
+        .unwrap();
+    assert_eq!(added.status.code(), Some(0));
+    let w = worker(
+        &redis,
+        "s",
+        &dir.path().join("out"),
+        &["--claim-after", "3"],
+    );
+    let jobs = "fetch:{s}:jobs";
+    let deadline = Instant::now() + WAIT;
+    let id = loop {
+        let p = redis.cmd(&["XPENDING", jobs, "fetch", "-", "+", "1"]);
+        if let Some(id) = p.lines().next().filter(|l| l.contains('-')) {
+            break id.to_string();
+        }
+        assert!(Instant::now() < deadline, "the worker took nothing");
+        corokit_common::sleep(Duration::from_millis(20));
+    };
+    // Another worker's claim (as after a partition): the renewals (every second) leave it.
+    redis.cmd(&["XCLAIM", jobs, "fetch", "elsewhere", "0", &id, "JUSTID"]);
+    corokit_common::sleep(Duration::from_millis(2500));
+    let owner = redis.cmd(&["XPENDING", jobs, "fetch", "-", "+", "1"]);
+    assert!(owner.contains("elsewhere"), "{owner}");
+    // Redis goes away; SIGTERM still ends the worker, with 130.
+    redis.stop();
+    corokit_common::sleep(Duration::from_millis(300));
+    let _ = Command::new("kill")
+        .args(["-TERM", &w.id().to_string()])
+        .status();
+    let started = Instant::now();
+    let (code, err) = finish(w);
+    assert_eq!(code, 130, "{err}");
+    // Within the download's own stall, not waiting for Redis forever.
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[test]
+fn something_that_is_not_redis_is_one_line_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = files_server();
+    let url = format!("redis://{}", http.addr());
+    for extra in [&["--status"][..], &["-o", "out"][..]] {
+        let o = fetch_bin()
+            .current_dir(dir.path())
+            .args(["--redis", &url, "--queue", "q"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("does not answer as Redis"), "{err}");
+    }
 }

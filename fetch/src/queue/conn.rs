@@ -87,6 +87,8 @@ pub struct Redis {
     /// Told once per outage, so a log shows when Redis went away and came back.
     notice: Box<dyn Fn(&str) + Send>,
     down: bool,
+    /// Waiting for a Redis that is away ends when this is asked to stop.
+    stop: Option<corokit_common::Shutdown>,
 }
 
 const CONNECT: Duration = Duration::from_secs(5);
@@ -107,9 +109,27 @@ impl Redis {
             patient,
             notice,
             down: false,
+            stop: None,
         };
         r.open()?;
         Ok(r)
+    }
+
+    /// Stops waiting for Redis (with [`QueueError::Stopped`]) once `shutdown` is requested.
+    pub fn stop_with(&mut self, shutdown: corokit_common::Shutdown) {
+        self.stop = Some(shutdown);
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| s.is_requested())
+    }
+
+    /// Sleeps `wait`, or less when asked to stop.
+    fn pause(&self, wait: Duration) {
+        let until = std::time::Instant::now() + wait;
+        while !self.stopping() && std::time::Instant::now() < until {
+            corokit_common::sleep(Duration::from_millis(100).min(wait));
+        }
     }
 
     pub fn target(&self) -> &Target {
@@ -151,13 +171,23 @@ impl Redis {
         if self.target.db != 0 {
             hello.push(redis::cmd("SELECT").arg(self.target.db).clone());
         }
+        // Whatever accepts a connection is not Redis until it answers PING.
+        hello.push(redis::cmd("PING"));
         for cmd in hello {
+            let ping = cmd.get_packed_command() == redis::cmd("PING").get_packed_command();
             match self.once(&[cmd]) {
                 Ok(v) if v.iter().any(loading) => {
                     self.conn = None;
                     return Err(QueueError::Unreachable(
                         self.target.shown.clone(),
                         "it is loading its data".into(),
+                    ));
+                }
+                Ok(v) if ping && !matches!(&v[0], Value::SimpleString(s) if s == "PONG") => {
+                    self.conn = None;
+                    return Err(QueueError::Unreachable(
+                        self.target.shown.clone(),
+                        "it does not answer as Redis does".into(),
                     ));
                 }
                 Ok(mut v) => {
@@ -171,10 +201,11 @@ impl Redis {
                 }
                 Err(e) => {
                     self.conn = None;
-                    return Err(QueueError::Unreachable(
-                        self.target.shown.clone(),
-                        e.to_string(),
-                    ));
+                    let why = match ping {
+                        true => "it does not answer as Redis does".to_string(),
+                        false => e.to_string(),
+                    };
+                    return Err(QueueError::Unreachable(self.target.shown.clone(), why));
                 }
             }
         }
@@ -216,7 +247,10 @@ impl Redis {
                 match self.once(cmds) {
                     // A Redis that restarts answers LOADING until its data is back.
                     Ok(v) if self.patient && v.iter().any(loading) => {
-                        corokit_common::sleep(wait);
+                        if self.stopping() {
+                            return Err(QueueError::Stopped);
+                        }
+                        self.pause(wait);
                         wait = (wait * 2).min(MAX_BACKOFF);
                         continue;
                     }
@@ -241,7 +275,10 @@ impl Redis {
                 Err(e @ QueueError::Refused(..)) => return Err(e),
                 Err(e) if !self.patient => return Err(e),
                 Err(_) => {
-                    corokit_common::sleep(wait);
+                    if self.stopping() {
+                        return Err(QueueError::Stopped);
+                    }
+                    self.pause(wait);
                     wait = (wait * 2).min(MAX_BACKOFF);
                 }
             }

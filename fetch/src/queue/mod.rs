@@ -41,6 +41,8 @@ pub enum QueueError {
     Server(String),
     #[error("Redis answered something unexpected: {0}")]
     Reply(String),
+    #[error("stopped while waiting for Redis")]
+    Stopped,
     #[error("--metrics {0}: {1}")]
     Metrics(std::net::SocketAddr, String),
     #[error("{key} exists in Redis as a {found}, not as fetch's {want}: another program's data, or another queue name")]
@@ -179,8 +181,8 @@ pub fn main(
     let quiet = |_: &str| {};
     match mode {
         Mode::Work(how) => match worker::work(options, target, keys, how, shutdown.clone()) {
+            _ if shutdown.is_requested() => 130,
             Err(e) => fail(&e),
-            Ok(_) if shutdown.is_requested() => 130,
             Ok(s) if s.failed > 0 => 1,
             Ok(_) => 0,
         },

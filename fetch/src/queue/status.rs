@@ -48,6 +48,9 @@ pub fn status(redis: &mut Redis, keys: &Keys) -> Result<Status, QueueError> {
     Ok(st)
 }
 
+/// Where counting the entries after the last delivered one stops.
+const LAG_COUNTED: u64 = 100_000;
+
 /// Entries no worker has taken yet: the group's `lag` (Redis 7), or, when Redis cannot know
 /// it (entries were deleted), the entries after the last one delivered.
 pub fn lag(redis: &mut Redis, keys: &Keys) -> Result<u64, QueueError> {
@@ -68,16 +71,33 @@ pub fn lag(redis: &mut Redis, keys: &Keys) -> Result<u64, QueueError> {
             .find(|(k, _)| k == "last-delivered-id")
             .map(|(_, v)| text(v))
             .unwrap_or_else(|| "0".into());
-        let after = redis.call(
-            redis::cmd("XRANGE")
-                .arg(&keys.jobs)
-                .arg(format!("({last}"))
-                .arg("+"),
-        )?;
-        return Ok(match after {
-            Value::Array(a) => a.len() as u64,
-            _ => 0,
-        });
+        // Counted a page at a time (the entries come with their fields), and only so far:
+        // past [`LAG_COUNTED`] the count says "at least".
+        let mut from = format!("({last}");
+        let mut n = 0u64;
+        loop {
+            let ids = redis.call(
+                redis::cmd("XRANGE")
+                    .arg(&keys.jobs)
+                    .arg(&from)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(100),
+            )?;
+            let Value::Array(page) = ids else { break };
+            let Some(Value::Array(last_entry)) = page.last() else {
+                break;
+            };
+            let Some(Value::BulkString(id)) = last_entry.first() else {
+                break;
+            };
+            from = format!("({}", String::from_utf8_lossy(id));
+            n += page.len() as u64;
+            if page.len() < 100 || n >= LAG_COUNTED {
+                break;
+            }
+        }
+        return Ok(n);
     }
     Ok(0)
 }

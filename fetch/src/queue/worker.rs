@@ -38,6 +38,9 @@ pub struct WorkOptions {
 
 /// Entries asked for at once, at most.
 const READ: usize = 100;
+/// The largest entry taken from the queue (a list line is at most 1 MiB; an entry of a few
+/// URLs and options is far less).
+const MAX_ENTRY: usize = 1 << 20;
 /// How long one read waits for new entries: short when the worker ends once the queue is
 /// drained, since the read that finds nothing is what tells it.
 const BLOCK_MS: u64 = 1000;
@@ -88,7 +91,13 @@ pub fn work(
             Box::new(move |text: &str| ctx.reporter.warn(text))
         }
     };
-    let mut reader = Redis::connect(target.clone(), true, note())?;
+    // Every connection waits for a Redis that went away, and stops waiting on Ctrl-C.
+    let connect = || -> Result<Redis, QueueError> {
+        let mut r = Redis::connect(target.clone(), true, note())?;
+        r.stop_with(shutdown.clone());
+        Ok(r)
+    };
+    let mut reader = connect()?;
     keys.prepare(&mut reader)?;
     let lag = Arc::new(std::sync::atomic::AtomicU64::new(0));
     if let Some(addr) = how.metrics {
@@ -97,24 +106,25 @@ pub fn work(
     }
     // Downloads whose file lock was busy when their batch came wait for it over these.
     let conns = (0..LOCKERS.min(options_jobs(&ctx)))
-        .map(|_| Redis::connect(target.clone(), true, note()).map(may::sync::Mutex::new))
+        .map(|_| connect().map(may::sync::Mutex::new))
         .collect::<Result<Vec<_>, _>>()?;
     let recorder = Arc::new(Conns {
         conns,
         next: std::sync::atomic::AtomicUsize::new(0),
     });
-    let renewer = Redis::connect(target.clone(), true, note())?;
+    let renewer = connect()?;
     let me = consumer_name();
     let held: Arc<Mutex<BTreeSet<String>>> = Arc::default();
     let (records, to_record) = may::sync::mpsc::channel();
     let recording = {
         let (keys, held, me) = (keys.clone(), held.clone(), me.clone());
-        let mut redis = Redis::connect(target.clone(), true, note())?;
+        let mut redis = connect()?;
         corokit_common::spawn(move || record_all(&mut redis, &keys, &me, &held, to_record))
             .map_err(RunError::from)?
     };
     let hooks = Arc::new(QueueHooks {
         keys: keys.clone(),
+        held: held.clone(),
         redis: recorder.clone(),
         me: me.clone(),
         busy: Arc::default(),
@@ -146,23 +156,30 @@ pub fn work(
                 next = Instant::now() + every;
                 let ids: Vec<String> = lock(&held).iter().cloned().collect();
                 for chunk in ids.chunks(READ) {
-                    let mut cmd = redis::cmd("XCLAIM");
-                    cmd.arg(&keys.jobs).arg(GROUP).arg(&me).arg(0);
+                    let mut cmd = redis::cmd("EVAL");
+                    cmd.arg(RENEW_ENTRIES).arg(1).arg(&keys.jobs).arg(&me);
                     for id in chunk {
                         cmd.arg(id);
                     }
-                    let _ = redis.call(cmd.arg("JUSTID"));
+                    // Entries another worker took meanwhile are its own now: not renewed, and
+                    // no longer ours to wait for (their file is guarded by its lock).
+                    if let Ok(lost) = redis.get::<Vec<String>>(&cmd) {
+                        let mut held = lock(&held);
+                        for id in lost {
+                            held.remove(&id);
+                        }
+                    }
                 }
                 let locks: Vec<String> = lock(&busy).iter().cloned().collect();
-                for key in locks {
-                    let _ = redis.call(
-                        redis::cmd("EVAL")
-                            .arg(RENEW)
-                            .arg(1)
-                            .arg(&key)
-                            .arg(&me)
-                            .arg(ttl(every * 3)),
-                    );
+                // All in one round trip per hundred: a slow link must not let a live
+                // worker's locks expire while it renews them one by one.
+                for chunk in locks.chunks(READ) {
+                    let mut cmd = redis::cmd("EVAL");
+                    cmd.arg(RENEW).arg(chunk.len());
+                    for key in chunk {
+                        cmd.arg(key);
+                    }
+                    let _ = redis.call(cmd.arg(&me).arg(ttl(every * 3)));
                 }
             }
         })
@@ -250,6 +267,7 @@ pub fn work(
 /// Redis); and the result recorded with the acknowledgement.
 struct QueueHooks {
     keys: Keys,
+    held: Arc<Mutex<BTreeSet<String>>>,
     redis: Arc<Conns>,
     me: String,
     /// The file locks held, renewed with the entries.
@@ -382,6 +400,21 @@ impl QueueHooks {
     }
 }
 
+/// Renews the entries ARGV[2..] for consumer ARGV[1] if it still holds them: KEYS jobs.
+/// The ids it no longer holds (another worker claimed them).
+const RENEW_ENTRIES: &str = r#"
+local lost = {}
+for i = 2, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], 'fetch', ARGV[i], ARGV[i], 1)
+  if #p == 1 and p[1][2] == ARGV[1] then
+    redis.call('XCLAIM', KEYS[1], 'fetch', ARGV[1], 0, ARGV[i], 'JUSTID')
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+return lost
+"#;
+
 /// Takes a file lock if it is free or ours: KEYS lock; ARGV owner, ms. 1 when held.
 const TAKE: &str = r#"
 local v = redis.call('GET', KEYS[1])
@@ -391,9 +424,11 @@ if v == false or v == ARGV[1] then
 end
 return 0
 "#;
-/// Renews a file lock if it is still ours: KEYS lock; ARGV owner, ms.
+/// Renews the file locks of KEYS that are still ours: ARGV owner, ms.
 const RENEW: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+for _, k in ipairs(KEYS) do
+  if redis.call('GET', k) == ARGV[1] then redis.call('PEXPIRE', k, ARGV[2]) end
+end
 return 0
 "#;
 /// Gives a file lock back if it is ours: KEYS lock; ARGV owner.
@@ -468,8 +503,10 @@ impl crate::Hooks for QueueHooks {
     fn done(&self, entry: &Entry, record: &Record, begun: Option<Box<dyn std::any::Any + Send>>) {
         let mut file_lock = begun.and_then(|b| b.downcast::<FileLock>().ok());
         let Some(id) = &entry.queue_id else { return };
-        if record.outcome == Outcome::Interrupted {
-            // Not acknowledged: it stays pending for another worker to take over.
+        if matches!(record.outcome, Outcome::Interrupted | Outcome::Deferred) {
+            // Not acknowledged: it stays pending, no longer renewed, for a worker to take over
+            // (one whose disk works, or once the other writer is done).
+            lock(&self.held).remove(id);
             return;
         }
         let done = Done {
@@ -479,7 +516,12 @@ impl crate::Hooks for QueueHooks {
                 Outcome::Failed => "failed",
                 _ => "ok",
             },
-            lock_key: file_lock.as_ref().map_or(String::new(), |l| l.key.clone()),
+            // A key in the queue's slot even without a lock (Redis Cluster wants every key
+            // of a script in one slot).
+            lock_key: file_lock.as_ref().map_or_else(
+                || format!("fetch:{{{}}}:file:-", self.keys.name),
+                |l| l.key.clone(),
+            ),
         };
         if let Some(records) = lock(&self.records).as_ref() {
             if records.send(done).is_ok() {
@@ -569,12 +611,25 @@ fn take(
         .iter()
         .find(|(k, _)| k == "entry")
         .ok_or_else(|| "it has no entry field (deleted, or not fetch's)".to_string())
-        .and_then(|(_, v)| {
-            serde_json::from_slice::<Entry>(v).map_err(|e| format!("its entry is not fetch's: {e}"))
+        .and_then(|(_, v)| match v.len() {
+            n if n > MAX_ENTRY => Err(format!("its entry is {n} bytes, more than {MAX_ENTRY}")),
+            _ => serde_json::from_slice::<Entry>(v)
+                .map_err(|e| format!("its entry is not fetch's: {e}")),
         })
-        .and_then(|e| match e.urls.first() {
-            Some(u) if crate::input::check_url(u).is_ok() => Ok(e),
-            _ => Err("its entry has no usable URL".to_string()),
+        // What a list line could not hold is not taken from the queue either: every mirror
+        // an http(s) URL, a dir= of a few levels.
+        .and_then(|e| {
+            let urls_ok =
+                !e.urls.is_empty() && e.urls.iter().all(|u| crate::input::check_url(u).is_ok());
+            let dir_ok = e
+                .dir
+                .as_deref()
+                .is_none_or(|d| d.len() <= 4096 && d.split('/').count() <= 32);
+            match (urls_ok, dir_ok) {
+                (true, true) => Ok(e),
+                (false, _) => Err("its entry has a URL fetch does not take".to_string()),
+                (_, false) => Err("its entry's dir= is too long or too deep".to_string()),
+            }
         });
     match parsed {
         Ok(mut e) => {

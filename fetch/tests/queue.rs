@@ -554,3 +554,39 @@ fn something_that_is_not_redis_is_one_line_and_exit_2() {
         assert!(err.contains("does not answer as Redis"), "{err}");
     }
 }
+
+#[test]
+fn an_enqueue_goes_on_from_where_it_stopped_only_with_the_same_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(false);
+    let list = dir.path().join("urls.txt");
+    let url = |i: usize| format!("http://127.0.0.1:9/f/{i}.bin\n");
+    std::fs::write(&list, (0..3).map(url).collect::<String>()).unwrap();
+    let enqueue = || {
+        queue(&redis, "e")
+            .arg("--enqueue")
+            .arg(&list)
+            .output()
+            .unwrap()
+    };
+    assert_eq!(enqueue().status.code(), Some(0));
+    // The same list grown by a line: only that line is added.
+    std::fs::write(&list, (0..4).map(url).collect::<String>()).unwrap();
+    let o = enqueue();
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        said.contains("1 entries added") && said.contains("3 added before"),
+        "{said}"
+    );
+    assert_eq!(redis.int(&["XLEN", "fetch:{e}:jobs"]), 4);
+    // A list edited in what was added already: refused, nothing added.
+    std::fs::write(&list, [url(0), url(9), url(2), url(3), url(4)].concat()).unwrap();
+    let o = enqueue();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("changed since") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert_eq!(redis.int(&["XLEN", "fetch:{e}:jobs"]), 4);
+}

@@ -37,11 +37,24 @@ pub fn enqueue(
     bad: &dyn Fn(&BadLine),
 ) -> Result<Enqueued, QueueError> {
     keys.prepare(redis)?;
-    let before = match list_id {
-        Some(id) => redis
-            .get::<Option<u64>>(redis::cmd("HGET").arg(&keys.enqueued).arg(id))?
-            .unwrap_or(0),
-        None => 0,
+    // "COUNT SHA256": the entries of this list added so far, and the hash of their JSON, so
+    // a list that changed since is refused rather than resumed at the wrong entry.
+    let recorded = match list_id {
+        Some(id) => redis.get::<Option<String>>(redis::cmd("HGET").arg(&keys.enqueued).arg(id))?,
+        None => None,
+    };
+    let (before, before_hash) = match recorded.as_deref().map(|r| r.split_once(' ')) {
+        None => (0, String::new()),
+        Some(Some((n, h))) => (
+            n.parse::<u64>()
+                .map_err(|_| QueueError::Reply(format!("enqueue progress {n:?}")))?,
+            h.to_string(),
+        ),
+        Some(None) => {
+            return Err(QueueError::Reply(
+                "enqueue progress without its hash".into(),
+            ))
+        }
     };
     let mut done = Enqueued {
         before,
@@ -50,12 +63,22 @@ pub fn enqueue(
     let mut parser = Parser::new();
     let mut batch: Vec<Entry> = Vec::with_capacity(BATCH);
     let mut counted = 0u64;
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    let progress = |counted: u64, hash: &ring::digest::Context| {
+        format!("{counted} {}", crate::hex(hash.clone().finish().as_ref()))
+    };
     let mut take = |entry: Entry, batch: &mut Vec<Entry>, redis: &mut Redis| {
         counted += 1;
+        let json = serde_json::to_string(&entry).map_err(|e| QueueError::Reply(e.to_string()))?;
+        hash.update(json.as_bytes());
+        hash.update(b"\n");
+        if counted == before && progress(counted, &hash) != format!("{before} {before_hash}") {
+            return Err(QueueError::ListChanged(before));
+        }
         if counted > before {
             batch.push(entry);
             if batch.len() == BATCH {
-                send(redis, keys, list_id, counted, batch)?;
+                send(redis, keys, list_id, &progress(counted, &hash), batch)?;
             }
         }
         Ok::<_, QueueError>(())
@@ -84,7 +107,10 @@ pub fn enqueue(
         }
     }
     if !batch.is_empty() {
-        send(redis, keys, list_id, counted, &mut batch)?;
+        send(redis, keys, list_id, &progress(counted, &hash), &mut batch)?;
+    }
+    if counted < before && !shutdown.is_requested() && done.unreadable.is_none() {
+        return Err(QueueError::ListChanged(before));
     }
     done.added = counted.saturating_sub(before);
     Ok(done)
@@ -95,7 +121,7 @@ fn send(
     redis: &mut Redis,
     keys: &Keys,
     list_id: Option<&str>,
-    counted: u64,
+    progress: &str,
     batch: &mut Vec<Entry>,
 ) -> Result<(), QueueError> {
     let mut cmds = Vec::with_capacity(batch.len() + 3);
@@ -116,7 +142,7 @@ fn send(
             redis::cmd("HSET")
                 .arg(&keys.enqueued)
                 .arg(id)
-                .arg(counted)
+                .arg(progress)
                 .clone(),
         );
     }

@@ -43,6 +43,8 @@ pub enum QueueError {
     Reply(String),
     #[error("stopped while waiting for Redis")]
     Stopped,
+    #[error("the list is not the one whose first {0} entries were added to this queue before (it changed since); add it to another queue")]
+    ListChanged(u64),
     #[error("--metrics {0}: {1}")]
     Metrics(std::net::SocketAddr, String),
     #[error("{key} exists in Redis as a {found}, not as fetch's {want}: another program's data, or another queue name")]
@@ -222,6 +224,7 @@ pub fn main(
                 enqueue::enqueue(&mut r, &keys, id.as_deref(), lines, &shutdown, &bad)
             });
             match run {
+                Err(e @ QueueError::ListChanged(_)) => fail(&e),
                 Err(e) => fail(&format!(
                     "{e}; what was added stays, and the same command goes on from there"
                 )),

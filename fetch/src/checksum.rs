@@ -18,6 +18,16 @@ pub enum Algo {
 }
 
 impl Algo {
+    /// Every algorithm, in aria2's order.
+    pub const ALL: [Algo; 6] = [
+        Algo::Md5,
+        Algo::Sha1,
+        Algo::Sha224,
+        Algo::Sha256,
+        Algo::Sha384,
+        Algo::Sha512,
+    ];
+
     /// aria2's name for it.
     pub fn name(self) -> &'static str {
         match self {
@@ -31,16 +41,9 @@ impl Algo {
     }
 
     fn from_name(name: &str) -> Option<Algo> {
-        [
-            Algo::Md5,
-            Algo::Sha1,
-            Algo::Sha224,
-            Algo::Sha256,
-            Algo::Sha384,
-            Algo::Sha512,
-        ]
-        .into_iter()
-        .find(|a| a.name().eq_ignore_ascii_case(name.trim()))
+        Algo::ALL
+            .into_iter()
+            .find(|a| a.name().eq_ignore_ascii_case(name.trim()))
     }
 
     /// A hasher for it.

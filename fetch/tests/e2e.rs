@@ -973,17 +973,7 @@ fn every_checksum_algorithm_of_aria2_with_a_good_and_a_bad_sum() {
     let dir = tempfile::tempdir().unwrap();
     let server = files_server();
     let url = server.url("/f/4.bin");
-    for (k, algo) in [
-        Algo::Md5,
-        Algo::Sha1,
-        Algo::Sha224,
-        Algo::Sha256,
-        Algo::Sha384,
-        Algo::Sha512,
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (k, algo) in Algo::ALL.into_iter().enumerate() {
         let mut h = algo.hasher();
         h.update(&content(4));
         let good = corokit_common::text::hex(&h.finish());

@@ -1075,16 +1075,7 @@ impl Core {
         if busy || !self.ipmsg_may_answer(now, to, true) {
             return;
         }
-        let ip = self.ipmsg.as_mut().expect("checked");
-        let (encoding, utf8) = match ip.users.get(&to) {
-            Some(u) => charset::outgoing(u.info.client, u.caps_utf8, ip.config.legacy),
-            None => (ip.config.legacy, false),
-        };
-        let mut extra = charset::encode(text, encoding);
-        extra.push(0);
-        let command = mode::SENDMSG | opt::AUTORETOPT | if utf8 { opt::UTF8OPT } else { 0 };
-        let (_, bytes) = ip.packet(now, command, &extra);
-        self.ipmsg_transmit(to, bytes);
+        self.ipmsg_reply(now, to, mode::SENDMSG | opt::AUTORETOPT, text);
     }
 
     fn ipmsg_ack(&mut self, now: Instant, from: SocketAddr, p: &Packet) {

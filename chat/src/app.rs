@@ -814,20 +814,7 @@ impl Input {
     }
 
     fn send_nick(&self, nick: &str, text: &str) {
-        let named: Vec<_> = self
-            .node
-            .peers()
-            .into_iter()
-            .filter(|p| p.protocol != Protocol::Plain && p.nick.as_deref() == Some(nick))
-            .collect();
-        // A chat peer of that name wins over an IP Messenger user of the same name: anyone
-        // can call itself anything in IP Messenger, and its text goes in clear.
-        let chat = named.iter().any(|p| p.protocol == Protocol::Chat);
-        let matches: Vec<SocketAddr> = named
-            .iter()
-            .filter(|p| !chat || p.protocol == Protocol::Chat)
-            .map(|p| p.addr)
-            .collect();
+        let matches = sharing::by_nick(&self.node, nick);
         if matches.is_empty() {
             self.out.line(format!(
                 "chat: no peer called {}; /who lists them",

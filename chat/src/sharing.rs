@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,14 +40,7 @@ pub fn bind_tcp(addr: SocketAddr) -> io::Result<may::net::TcpListener> {
 /// Serves files offered from the UDP socket at `udp` on TCP at the same address; a notice
 /// when it cannot.
 pub fn serve(transfers: &Transfers, udp: SocketAddr, via: Via, sealed: bool) -> Option<String> {
-    let tcp = SocketAddr::new(
-        match udp.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-            ip => ip,
-        },
-        udp.port(),
-    );
+    let tcp = udp;
     match bind_tcp(tcp).and_then(|l| transfers.serve(l, via, sealed)) {
         Ok(()) => None,
         Err(e) => Some(format!(
@@ -87,14 +80,25 @@ pub fn sink(out: Output, json: bool) -> Sink {
     })
 }
 
-/// The peer `target` names: a nickname (chat peer or IP Messenger user), or an address.
-pub fn target(node: &Node, target: &str, bare_port: Option<u16>) -> Result<SocketAddr, String> {
-    let by_nick: Vec<SocketAddr> = node
+/// The peers called `nick`. A chat peer of that name wins over an IP Messenger user of the
+/// same name: anyone can call itself anything in IP Messenger, and its text goes in clear.
+pub fn by_nick(node: &Node, nick: &str) -> Vec<SocketAddr> {
+    let named: Vec<_> = node
         .peers()
         .into_iter()
-        .filter(|p| p.protocol != Protocol::Plain && p.nick.as_deref() == Some(target))
-        .map(|p| p.addr)
+        .filter(|p| p.protocol != Protocol::Plain && p.nick.as_deref() == Some(nick))
         .collect();
+    let chat = named.iter().any(|p| p.protocol == Protocol::Chat);
+    named
+        .iter()
+        .filter(|p| !chat || p.protocol == Protocol::Chat)
+        .map(|p| p.addr)
+        .collect()
+}
+
+/// The peer `target` names: a nickname (chat peer or IP Messenger user), or an address.
+pub fn target(node: &Node, target: &str, bare_port: Option<u16>) -> Result<SocketAddr, String> {
+    let by_nick = by_nick(node, target);
     match by_nick.as_slice() {
         [one] => Ok(*one),
         [] => crate::app::resolve(target, bare_port).map_err(|e| format!("{e:#}")),

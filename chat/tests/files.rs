@@ -353,7 +353,8 @@ fn an_ipmsg_client_sends_and_receives_files() {
     // name that climbs out, and a file it will not serve whole.
     let content = b"0123456789".repeat(100);
     let list = format!(
-        "11:a::b.txt:{:x}:0:1:\x0712:../../evil.sh:5:0:1:\x0713:short.bin:64:0:1:\x07",
+        "11:a::b.txt:{:x}:0:1:\x0712:../../evil.sh:5:0:1:\x0713:short.bin:64:0:1:\x07\
+         14:../../climb.sh:5:0:1:\x07",
         content.len()
     );
     let n = peer.send(
@@ -367,7 +368,7 @@ fn an_ipmsg_client_sends_and_receives_files() {
     // Serve each request the way IP Messenger does: hex ids, the bytes, close.
     let server = std::thread::spawn(move || {
         let mut asked = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..4 {
             let Ok((mut conn, _)) = peer.tcp.accept() else {
                 break;
             };
@@ -388,7 +389,8 @@ fn an_ipmsg_client_sends_and_receives_files() {
             let body: Vec<u8> = match fields[1].as_str() {
                 "b" => b"0123456789".repeat(100),
                 "c" => b"EVIL".to_vec(), // five offered, four sent
-                _ => vec![b'x'; 50],     // 100 offered, 50 sent
+                "e" => b"climb".to_vec(),
+                _ => vec![b'x'; 50], // 100 offered, 50 sent
             };
             let _ = conn.write_all(&body);
         }
@@ -396,7 +398,7 @@ fn an_ipmsg_client_sends_and_receives_files() {
     });
     chat.say(&format!("/get {} \"{}\"", o["id"], into.display()));
     let mut results = Vec::new();
-    while results.len() < 3 {
+    while results.len() < 4 {
         let v = chat.wait_for("a file's end", |v| {
             (v["event"] == "file_done" || v["event"] == "file_failed")
                 && !results.iter().any(|r: &Value| r["name"] == v["name"])
@@ -405,7 +407,7 @@ fn an_ipmsg_client_sends_and_receives_files() {
     }
     let (_peer, mut asked) = server.join().unwrap();
     asked.sort();
-    assert_eq!(asked, ["b", "c", "d"], "file ids asked in hex");
+    assert_eq!(asked, ["b", "c", "d", "e"], "file ids asked in hex");
     let by_name = |n: &str| results.iter().find(|r| r["name"] == n).unwrap().clone();
     assert_eq!(by_name("a:b.txt")["event"], "file_done");
     assert!(std::fs::read(into.join("a:b.txt")).unwrap() == content);
@@ -416,6 +418,18 @@ fn an_ipmsg_client_sends_and_receives_files() {
     );
     assert_eq!(by_name("short.bin")["event"], "file_failed");
     assert!(!dir.path().join("evil.sh").exists());
+    // A name that climbs out, sent whole: saved inside, under a safe name, nothing outside.
+    assert_eq!(by_name("../../climb.sh")["event"], "file_done");
+    assert_eq!(
+        std::fs::read(into.join("_._.._climb.sh")).unwrap(),
+        b"climb"
+    );
+    let outside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("climb"))
+        .collect();
+    assert!(outside.is_empty(), "{outside:?}");
     let names: Vec<String> = std::fs::read_dir(&into)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -453,6 +467,13 @@ fn an_ipmsg_client_fetches_what_chat_offers() {
     let offer = peer.expect("the offer", mode::SENDMSG);
     assert!(offer.has(opt::FILEATTACHOPT));
     peer.send(to, mode::RECVMSG, format!("{}\0", offer.number).as_bytes());
+    // Another host declines it, forging the release (packet numbers are guessable): the
+    // offer stays. The peer's GETINFO after it comes back once the release was handled.
+    let forger = UdpSocket::bind("127.0.0.3:0").unwrap();
+    let release = format!("1:77:x:y:{}:{}\0", mode::RELEASEFILES, offer.number);
+    forger.send_to(release.as_bytes(), to).unwrap();
+    peer.send(to, mode::GETINFO, b"");
+    peer.expect("SENDINFO", mode::SENDINFO);
     let list = &offer.extra[offer.text().len() + 1..];
     let files = corokit_chat::transfer::offer::parse_files(list, |b| {
         String::from_utf8_lossy(b).into_owned()
@@ -472,6 +493,7 @@ fn an_ipmsg_client_fetches_what_chat_offers() {
     let got = raw_request([127, 0, 0, 3], to, mode::GETFILEDATA, extra.as_bytes());
     assert!(got.is_empty());
     chat.wait_for("told it was fetched", |v| v["event"] == "file_sent");
+    assert!(!chat.seen.iter().any(|v| v["event"] == "file_declined"));
 }
 
 #[test]

@@ -385,7 +385,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 
 impl Core {
     /// A new run. `seed` must be random (it makes the instance id and the challenge secret).
-    pub fn new(config: Config, seed: [u8; 32], now: Instant) -> Core {
+    pub fn new(mut config: Config, seed: [u8; 32], now: Instant) -> Core {
         let id = derive(&seed, b"instance");
         let instance = u64::from_be_bytes(id[..8].try_into().expect("8 bytes")).max(1);
         let tokens = hmac::Key::new(hmac::HMAC_SHA256, &derive(&seed, b"tokens"));
@@ -424,7 +424,7 @@ impl Core {
             announced: 0,
             wakeup: now,
             stats: Stats::default(),
-            ipmsg: config.ipmsg.clone().map(|c| Ipmsg::new(c, now)),
+            ipmsg: config.ipmsg.take().map(|c| Ipmsg::new(c, now)),
             config,
         }
     }

@@ -63,9 +63,7 @@ impl Core {
         to: SocketAddr,
         packet: u64,
     ) -> Result<(), SendError> {
-        if self.is_ipmsg(canonical(to)) {
-            return Ok(());
-        }
+        // IP Messenger has no withdrawal: `offer_answer` sends it only a decline.
         self.offer_answer(now, to, Control::Withdraw(packet))
     }
 

@@ -316,11 +316,9 @@ impl Transfers {
                     *next
                 };
                 let mut received = lock(&self.0.received);
+                // Ids only grow: the first is the oldest.
                 if received.len() >= MAX_RECEIVED {
-                    if let Some(oldest) = received.iter().min_by_key(|(_, o)| o.at).map(|(i, _)| *i)
-                    {
-                        received.remove(&oldest);
-                    }
+                    received.pop_first();
                 }
                 // Only a chat peer's checksum is believed: an IPMsg user could name another
                 // sender's file by it and have its partial copy taken for its own.
@@ -430,10 +428,10 @@ impl Transfers {
         };
         let target = into.map_or_else(|| self.0.downloads.clone(), Path::to_path_buf);
         let cannot = |e: std::io::Error| format!("cannot use {}: {e}", target.display());
-        Dir::create(&target, receive::OWNER).map_err(cannot)?;
         // One spelling per directory, so two transfers into it by different paths see each
         // other's names (see `reserve`).
-        let dir = std::fs::canonicalize(&target)
+        let dir = std::fs::create_dir_all(&target)
+            .and_then(|()| std::fs::canonicalize(&target))
             .and_then(|real| Dir::create(&real, receive::OWNER))
             .map_err(cannot)?;
         let dir = Arc::new(dir);

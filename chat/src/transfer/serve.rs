@@ -264,7 +264,13 @@ impl Server {
                 if offset > size {
                     return Err(io::Error::other("an offset past the end"));
                 }
-                let mut file = File::open(&served.path)?;
+                // The path the user offered (a link they chose is followed), opened without
+                // blocking on a FIFO put there since, and checked once open.
+                let mut file = open_regular(&served.path, true)?;
+                let now = file.metadata()?;
+                if (now.len(), mtime_of(&now)) != (served.file.size, served.file.mtime) {
+                    return Err(io::Error::other("the file changed since it was offered"));
+                }
                 file.seek(SeekFrom::Start(offset))?;
                 let sent = copy_exactly(&mut file, out, size - offset)?;
                 sent == size - offset && (sent > 0 || size == 0)
@@ -351,20 +357,21 @@ fn complete_request(buf: &[u8]) -> Option<io::Result<(u32, Request)>> {
 
 /// Opens `path` for reading only if it is a regular file now (not a link, FIFO or device
 /// put there since it was listed): a FIFO would block the worker.
-fn open_regular(path: &Path) -> io::Result<File> {
+fn open_regular(path: &Path, follow: bool) -> io::Result<File> {
+    use rustix::fs::OFlags;
     use std::os::unix::fs::OpenOptionsExt;
+    let flags = match follow {
+        true => OFlags::NONBLOCK,
+        false => OFlags::NOFOLLOW | OFlags::NONBLOCK,
+    };
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc_flags())
+        .custom_flags(flags.bits() as i32)
         .open(path)?;
     if !file.metadata()?.is_file() {
         return Err(io::Error::other("not a regular file"));
     }
     Ok(file)
-}
-
-fn libc_flags() -> i32 {
-    (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32
 }
 
 fn mtime_of(meta: &std::fs::Metadata) -> u64 {
@@ -468,7 +475,7 @@ fn walk(dir: &Path, out: &mut dyn Write, walked: &mut usize, depth: usize) -> io
                 REGULAR,
                 mtime,
             ))?;
-            let mut file = open_regular(&path)?;
+            let mut file = open_regular(&path, false)?;
             // A file that changed while it was sent ends the stream: the receiver sees it
             // cut short and names nothing.
             let sent = copy_exactly(&mut file, out, size)?;

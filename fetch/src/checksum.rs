@@ -59,8 +59,10 @@ impl Algo {
     }
 }
 
-/// An expected checksum.
+/// An expected checksum. In a shared queue it travels as `ALGO=HEX` and is read back
+/// through [`Checksum::parse`], so an entry cannot carry a digest of the wrong length.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Checksum {
     pub algo: Algo,
     pub digest: Vec<u8>,
@@ -101,6 +103,19 @@ impl Checksum {
     /// `ALGO=HEX`.
     pub fn shown(&self) -> String {
         format!("{}={}", self.algo.name(), crate::hex(&self.digest))
+    }
+}
+
+impl TryFrom<String> for Checksum {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        Checksum::parse(&text)
+    }
+}
+
+impl From<Checksum> for String {
+    fn from(c: Checksum) -> String {
+        c.shown()
     }
 }
 

@@ -96,6 +96,7 @@ pub struct Args {
     /// host of each list URL, never to another host a redirect names.
     #[arg(long, value_name = "USER[:PASSWORD]")]
     pub user: Option<String>,
+    /// The password for --user (instead of USER:PASSWORD).
     #[arg(long, value_name = "PASSWORD")]
     pub password: Option<String>,
     /// Log in with the host's entry in ~/.netrc (or $NETRC) when there is no --user.

@@ -538,9 +538,10 @@ fn run_started(
         if good {
             // With -N, asked again only if the server's copy is newer than ours (which
             // stays untouched until a newer one is whole).
-            let since = dir
-                .modified(&claim.name)
-                .filter(|_| ctx.options.timestamping);
+            let since = match ctx.options.timestamping {
+                true => dir.modified(&claim.name),
+                false => None,
+            };
             match since {
                 Some(t) => claim.if_newer = Some(httpdate::fmt_http_date(t)),
                 None => return Ok(Outcome::Skipped),

@@ -69,12 +69,21 @@ fn main() -> ExitCode {
         }
     }
     corokit_common::init();
-    let options = match options(&args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("fetch: {e:#}");
-            return ExitCode::from(2);
-        }
+    // Only what downloads: --status and --enqueue need none of the download checks (the
+    // open-files limit, -j, a --netrc file).
+    let downloads = args.redis.is_none() || (args.enqueue.is_none() && !args.status);
+    let options = match downloads {
+        true => match options(&args) {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("fetch: {e:#}");
+                return ExitCode::from(2);
+            }
+        },
+        false => Options {
+            quiet: args.quiet,
+            ..Options::default()
+        },
     };
     let shutdown = match Shutdown::on_signals() {
         Ok(s) => s,

@@ -590,3 +590,36 @@ fn an_enqueue_goes_on_from_where_it_stopped_only_with_the_same_list() {
     );
     assert_eq!(redis.int(&["XLEN", "fetch:{e}:jobs"]), 4);
 }
+
+#[test]
+fn status_writes_nothing_and_a_checksum_from_the_queue_is_checked_like_a_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(false);
+    // A mistyped name: an empty queue shown, nothing created (a download-only flag such as
+    // --netrc without a file does not get in the way).
+    let o = queue(&redis, "typo")
+        .args(["--status", "--netrc"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(said.contains("0 waiting, 0 in progress, 0 done"), "{said}");
+    assert_eq!(redis.int(&["EXISTS", "fetch:{typo}:jobs"]), 0);
+    // A digest of the wrong length (a list line would be a bad line): dead, not downloaded.
+    let jobs = "fetch:{c}:jobs";
+    redis.cmd(&["XGROUP", "CREATE", jobs, "fetch", "0", "MKSTREAM"]);
+    let entry =
+        r#"{"line":1,"urls":["http://127.0.0.1:9/x"],"out":null,"dir":null,"checksum":"md5=00"}"#;
+    redis.cmd(&["XADD", jobs, "*", "entry", entry]);
+    let (code, err) = finish(worker(&redis, "c", &dir.path().join("out"), &[]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(counts(&redis, "c"), (0, 0, 1));
+    assert!(redis
+        .cmd(&["XRANGE", "fetch:{c}:dead", "-", "+"])
+        .contains("not fetch's"));
+}

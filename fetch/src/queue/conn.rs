@@ -126,9 +126,11 @@ impl Redis {
 
     /// Sleeps `wait`, or less when asked to stop.
     fn pause(&self, wait: Duration) {
-        let until = std::time::Instant::now() + wait;
-        while !self.stopping() && std::time::Instant::now() < until {
-            corokit_common::sleep(Duration::from_millis(100).min(wait));
+        match &self.stop {
+            Some(stop) => {
+                stop.wait_timeout(wait);
+            }
+            None => corokit_common::sleep(wait),
         }
     }
 

@@ -91,6 +91,25 @@ impl Keys {
 
     /// Checks that each key is missing or of fetch's type, and that the group exists.
     pub fn prepare(&self, redis: &mut Redis) -> Result<(), QueueError> {
+        self.check(redis)?;
+        match redis.call(
+            redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&self.jobs)
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM"),
+        ) {
+            Ok(_) => Ok(()),
+            Err(QueueError::Server(e)) if e.contains("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Checks that each key is missing or of fetch's type, writing nothing; whether the
+    /// queue exists.
+    pub fn check(&self, redis: &mut Redis) -> Result<bool, QueueError> {
+        let mut exists = false;
         for (key, want) in [
             (&self.jobs, "stream"),
             (&self.dead, "stream"),
@@ -106,19 +125,9 @@ impl Keys {
                     want,
                 });
             }
+            exists |= key == &self.jobs && found != "none";
         }
-        match redis.call(
-            redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(&self.jobs)
-                .arg(GROUP)
-                .arg("0")
-                .arg("MKSTREAM"),
-        ) {
-            Ok(_) => Ok(()),
-            Err(QueueError::Server(e)) if e.contains("BUSYGROUP") => Ok(()),
-            Err(e) => Err(e),
-        }
+        Ok(exists)
     }
 }
 

@@ -17,7 +17,10 @@ pub struct Status {
 }
 
 pub fn status(redis: &mut Redis, keys: &Keys) -> Result<Status, QueueError> {
-    keys.prepare(redis)?;
+    // Read-only: a mistyped name shows an empty queue, and creates nothing.
+    if !keys.check(redis)? {
+        return Ok(Status::default());
+    }
     let mut st = Status {
         waiting: lag(redis, keys)?,
         ..Status::default()

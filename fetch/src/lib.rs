@@ -204,6 +204,16 @@ pub fn login_args(
             None => (u.to_string(), String::new()),
         }),
     };
+    // The Basic header must fit the request head with everything else (see
+    // `check_request_head`): a login that cannot is refused here, not on every URL.
+    if login
+        .as_ref()
+        .is_some_and(|(u, p)| u.len() + p.len() > 2048)
+    {
+        return Err(RunError::Usage(
+            "--user/--password: more than 2 KiB does not fit a request".into(),
+        ));
+    }
     if login
         .as_ref()
         .is_some_and(|(u, p)| u.contains(':') || format!("{u}{p}").chars().any(char::is_control))

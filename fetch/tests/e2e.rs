@@ -1186,6 +1186,10 @@ fn logins_go_to_the_list_urls_host_only_and_never_show() {
     assert_eq!(code, Some(1));
     let (code, err) = run(&["--password", "x"], 10);
     assert_eq!(code, Some(2), "{err}");
+    let long = format!("user:{}", "p".repeat(3000));
+    let (code, err) = run(&["--user", &long], 11);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(!err.contains("ppp"), "{err}");
 }
 
 #[test]

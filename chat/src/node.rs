@@ -204,11 +204,22 @@ impl Node {
     /// Runs `f` on the core at the current time, then sends what it queued, wakes the timer
     /// if the deadline moved closer, and rings for events.
     fn with_core<T>(&self, f: impl FnOnce(&mut Core, Instant) -> T) -> T {
+        self.with_core_then(f, |_| ())
+    }
+
+    /// As `with_core`, with `then` run on the result after the core is let go and before
+    /// its datagrams leave.
+    fn with_core_then<T>(
+        &self,
+        f: impl FnOnce(&mut Core, Instant) -> T,
+        then: impl FnOnce(&T),
+    ) -> T {
         let (result, output) = {
             let mut core = lock(&self.inner.core);
             let result = f(&mut core, Instant::now());
             (result, Output::take(&mut core))
         };
+        then(&result);
         self.deliver(output);
         result
     }
@@ -411,13 +422,23 @@ impl Node {
 
     /// Offers `files` to `to` (see [`Core::send_offer`]): how it was sent, and the offer's
     /// packet number.
+    /// Offers `files` to `to`. `made` is told the offer's packet number before its datagram
+    /// leaves: a quick peer may ask for the files before this returns.
     pub fn send_offer(
         &self,
         to: SocketAddr,
         text: &str,
         files: &[OfferedFile],
+        made: impl FnOnce(u64),
     ) -> Result<(Sent, u64), SendError> {
-        self.with_core(|c, now| c.send_offer(now, to, text, files))
+        self.with_core_then(
+            |c, now| c.send_offer(now, to, text, files),
+            |result| {
+                if let Ok((_, packet)) = result {
+                    made(*packet);
+                }
+            },
+        )
     }
 
     pub fn decline_offer(&self, to: SocketAddr, packet: u64) -> Result<(), SendError> {

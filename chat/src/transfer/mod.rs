@@ -272,21 +272,23 @@ impl Transfers {
             });
         }
         let files: Vec<OfferedFile> = served.iter().map(|s| s.file.clone()).collect();
-        let (_, packet) = self.0.node.send_offer(to, text, &files)?;
         // The hosts that may fetch: every address the peer is known at.
         let mut hosts = vec![to.ip().to_canonical()];
         if let Some(p) = self.0.node.peers().into_iter().find(|p| p.addr == to) {
             hosts.extend(p.also.iter().map(|a| a.ip().to_canonical()));
         }
-        lock(&self.0.sent).add(SentOffer {
-            packet,
-            to,
-            hosts,
-            files: served,
-            via,
-            made: Instant::now(),
-            done: Vec::new(),
-        });
+        // Served from before the offer leaves: a quick peer asks at once.
+        let (_, packet) = self.0.node.send_offer(to, text, &files, |packet| {
+            lock(&self.0.sent).add(SentOffer {
+                packet,
+                to,
+                hosts,
+                files: served,
+                via,
+                made: Instant::now(),
+                done: Vec::new(),
+            })
+        })?;
         Ok(packet)
     }
 

@@ -51,6 +51,16 @@ pub struct Args {
     /// Downloads at once from one host (0: no limit).
     #[arg(long, default_value_t = 8)]
     pub per_host: u32,
+    /// Connections per file (aria2's -s): a file the server serves in ranges, with a
+    /// validator, is fetched in segments written in place; each connection past the first
+    /// takes a free --per-host slot, and a free connection takes half of the largest
+    /// segment left, or what a stalled one left.
+    #[arg(short = 's', long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub split: u32,
+    /// No segment smaller than this (aria2's -k): a file is split only if it is at least
+    /// twice as large. K, M and G suffixes (powers of 1024).
+    #[arg(short = 'k', long, default_value = "1M", value_name = "SIZE")]
+    pub min_split_size: String,
     /// Tries after the first on connect errors, timeouts, 5xx, 408 and 429.
     #[arg(long, default_value_t = 5)]
     pub retries: u32,

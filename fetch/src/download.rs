@@ -20,7 +20,9 @@ use crate::input::Entry;
 use crate::naming::{self, SafeName};
 use crate::report::{Outcome, Record, Reporter};
 use crate::resume::{self, Answer, Ask, Decision, Plan, Record as StateRecord, State};
+use crate::segmented::{self, STALLED};
 use crate::shown::Shown;
+use crate::split::{self, Segments, Span};
 use crate::Options;
 
 /// Hosts whose `--per-host` slots are remembered before idle ones are forgotten.
@@ -103,7 +105,7 @@ impl Context {
     }
 
     /// Counts `n` bytes received and, under `--limit-rate`, waits until they are due.
-    fn received(&self, n: usize) {
+    pub(crate) fn received(&self, n: usize) {
         self.reporter.add_bytes(n as u64);
         if let Some(rate) = &self.rate {
             let wait = rate.take(n);
@@ -113,8 +115,21 @@ impl Context {
         }
     }
 
-    /// A slot for `host` under `--per-host`, freed when dropped.
+    /// A slot for `url`'s host under `--per-host`, freed when dropped.
     fn host_slot(&self, url: &str) -> Option<Slot> {
+        self.host_slots(url).map(|s| s.take())
+    }
+
+    /// A free slot for one more connection to `url`'s host now: `Some(None)` when there is
+    /// no `--per-host` limit, `None` when every slot is held.
+    pub(crate) fn spare_host_slot(&self, url: &str) -> Option<Option<Slot>> {
+        match self.host_slots(url) {
+            None => Some(None),
+            Some(slots) => slots.try_take().map(Some),
+        }
+    }
+
+    fn host_slots(&self, url: &str) -> Option<Slots> {
         if self.options.per_host == 0 {
             return None;
         }
@@ -135,7 +150,7 @@ impl Context {
                 .or_insert_with(|| Slots::new(self.options.per_host))
                 .clone()
         };
-        Some(slots.take())
+        Some(slots)
     }
 
     /// The name `url` was saved under in `dir` by an earlier line or run, when it was not
@@ -265,6 +280,7 @@ impl Context {
                 state,
                 released,
                 if_newer: None,
+                no_split: false,
             });
         }
         Err(failed(Failure::NameClash(format!(
@@ -317,6 +333,8 @@ struct Claim<'a> {
     released: Arc<SyncFlag>,
     /// `-N`: ask for the file only if the server's copy is newer than this HTTP date.
     if_newer: Option<String>,
+    /// One connection only: a split download of this file had to start over.
+    no_split: bool,
 }
 
 impl Drop for Claim<'_> {
@@ -333,6 +351,14 @@ impl Claim<'_> {
         match self.dir.kind(name) {
             Ok(Kind::File { len }) => Some(len),
             _ => None,
+        }
+    }
+
+    /// Bytes of the download in `.part`: its length, or what a split one has written.
+    fn part_bytes(&self) -> Option<u64> {
+        match self.state.as_ref().and_then(|s| s.ranges.as_ref()) {
+            Some(done) => Some(done.iter().map(|s| s[1] - s[0]).sum()),
+            None => self.size(&self.part),
         }
     }
 
@@ -391,7 +417,7 @@ impl RateLimit {
 }
 
 /// Downloads one entry, retrying as allowed, and says how it went.
-pub fn fetch(ctx: &Context, entry: &Entry) -> Record {
+pub fn fetch(ctx: &Arc<Context>, entry: &Entry) -> Record {
     let started = Instant::now();
     let mut record = Record::new(entry.line, &entry.urls[0]);
     let result = run(ctx, entry, &mut record);
@@ -439,7 +465,7 @@ pub fn panicked(entry: &Entry, why: &str) -> Record {
     record
 }
 
-fn run(ctx: &Context, entry: &Entry, record: &mut Record) -> Result<Outcome, Failure> {
+fn run(ctx: &Arc<Context>, entry: &Entry, record: &mut Record) -> Result<Outcome, Failure> {
     let sub = entry_dir(ctx, entry)?;
     let dir = sub.as_ref().unwrap_or(&ctx.root);
     // The same URL on an earlier line: one download. Once it is done, this entry finds the
@@ -472,7 +498,7 @@ fn run(ctx: &Context, entry: &Entry, record: &mut Record) -> Result<Outcome, Fai
 
 /// [`run`] once no earlier line is downloading the same file.
 fn run_started(
-    ctx: &Context,
+    ctx: &Arc<Context>,
     entry: &Entry,
     record: &mut Record,
     dir: &Dir,
@@ -590,7 +616,7 @@ fn run_started(
         record.bytes = claim
             .size(&claim.name)
             .filter(|_| result.is_ok())
-            .or_else(|| claim.size(&claim.part))
+            .or_else(|| claim.part_bytes())
             .unwrap_or(0);
         let failure = match result {
             Err(Failure::NotModified) => return Ok(Outcome::Skipped),
@@ -613,6 +639,9 @@ fn run_started(
                 ctx.reporter
                     .note(&format!("{}: starting over: {why}", Shown(attempt_url)));
                 claim.discard_part();
+                // Again, on one connection: a server that does not keep to ranges, or a
+                // file that changes, is not split again.
+                claim.no_split = true;
                 continue;
             }
             Failure::Checksum { .. } => {
@@ -696,6 +725,32 @@ fn header<'a>(rsp: &'a ureq::http::Response<ureq::Body>, name: &str) -> Option<&
     rsp.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
+/// The status and the headers of an answer that the resume rules look at.
+pub(crate) fn answer(rsp: &ureq::http::Response<ureq::Body>) -> Answer<'_> {
+    Answer {
+        status: rsp.status().as_u16(),
+        content_range: header(rsp, "Content-Range"),
+        content_length: rsp.body().content_length(),
+        content_type: header(rsp, "Content-Type"),
+        etag: header(rsp, "ETag"),
+        last_modified: header(rsp, "Last-Modified"),
+    }
+}
+
+/// How a decision that writes nothing ends the exchange.
+pub(crate) fn failure(decision: Decision, rsp: &ureq::http::Response<ureq::Body>) -> Failure {
+    match decision {
+        Decision::NotSuccess => Failure::Status {
+            status: rsp.status().as_u16(),
+            retry_after: header(rsp, "Retry-After").and_then(retry_after),
+        },
+        Decision::Refuse(why) => Failure::Refused(why),
+        Decision::Unchanged => Failure::NotModified,
+        Decision::StartOver(why) => Failure::StartOver(why),
+        other => Failure::Refused(format!("an answer fetch did not ask for ({other:?})")),
+    }
+}
+
 /// The checksum being computed over what is written, when one is expected.
 struct Hashing(Option<Hasher>);
 
@@ -709,7 +764,7 @@ impl Hashing {
 
 /// One exchange, and what the resume rules say to do with its answer.
 fn attempt<'a>(
-    ctx: &'a Context,
+    ctx: &'a Arc<Context>,
     entry: &Entry,
     url: &str,
     claim: &mut Claim<'a>,
@@ -719,6 +774,9 @@ fn attempt<'a>(
 ) -> Result<(), Failure> {
     let ask = match claim.plan() {
         Plan::Resume { offset, validator } => Ask::From { offset, validator },
+        Plan::Segments { done, .. } => {
+            return resume_split(ctx, entry, url, claim, &done, deadline, record)
+        }
         Plan::Fresh { why } => {
             if let (Some(why), 1) = (why, record.attempts) {
                 ctx.reporter
@@ -736,22 +794,13 @@ fn attempt<'a>(
     let (rsp, _final_url) = exchange::get(ctx, url, &ask, deadline)?;
     let status = rsp.status().as_u16();
     record.http_status = Some(status);
-    let answer = Answer {
-        status,
-        content_range: header(&rsp, "Content-Range"),
-        content_length: rsp.body().content_length(),
-        content_type: header(&rsp, "Content-Type"),
-        etag: header(&rsp, "ETag"),
-        last_modified: header(&rsp, "Last-Modified"),
-    };
+    let answer = answer(&rsp);
     match resume::decide(&ask, claim.state.as_ref(), &answer) {
-        Decision::NotSuccess => Err(Failure::Status {
-            status,
-            retry_after: header(&rsp, "Retry-After").and_then(retry_after),
-        }),
-        Decision::Refuse(why) => Err(Failure::Refused(why)),
-        Decision::Unchanged => Err(Failure::NotModified),
-        Decision::StartOver(why) => Err(Failure::StartOver(why)),
+        d @ (Decision::NotSuccess
+        | Decision::Refuse(_)
+        | Decision::Unchanged
+        | Decision::StartOver(_)
+        | Decision::Segment) => Err(failure(d, &rsp)),
         Decision::Complete => {
             let file = claim.dir.open(&claim.part)?;
             let hashing = match &entry.checksum {
@@ -795,15 +844,121 @@ fn attempt<'a>(
             if length.is_some_and(|l| l <= SMALL_BODY) {
                 return receive_small(ctx, entry, claim, rsp, state, hashing, record);
             }
+            let split = split_length(ctx, claim, &rsp, &state, length);
+            let mut state = state;
+            if split.is_some() {
+                state.ranges = Some(Vec::new());
+            }
             claim.not_busy()?;
             let mut file = files::create_part(claim.dir, &claim.part, &state)?;
             writing(&file, claim)?;
             claim.state = Some(state);
             remember_numbered(ctx, claim, &entry.urls[0])?;
+            if let Some(total) = split {
+                file.set_len(total)
+                    .map_err(disk("writing", &claim.dir.path(&claim.part)))?;
+                let o = &ctx.options;
+                let segments =
+                    Segments::new(total, &[], o.split, o.min_split, STALLED, Instant::now());
+                return run_split(
+                    ctx,
+                    entry,
+                    url,
+                    claim,
+                    file,
+                    segments,
+                    Some(rsp),
+                    deadline,
+                    record,
+                );
+            }
             let hashing = receive(ctx, claim, &mut file, rsp, length, hashing, deadline)?;
             finish(entry, claim, file, hashing, record)
         }
     }
+}
+
+/// The length to split a new download of, when `--split` asks for connections and the
+/// answer allows it: ranges in bytes, a length worth two segments, and a validator each
+/// segment's `If-Range` can carry so that no segment comes from another version.
+fn split_length(
+    ctx: &Context,
+    claim: &Claim<'_>,
+    rsp: &ureq::http::Response<ureq::Body>,
+    state: &State,
+    length: Option<u64>,
+) -> Option<u64> {
+    let total = length?;
+    let ranges = header(rsp, "Accept-Ranges")
+        .is_some_and(|v| v.split(',').any(|u| u.trim().eq_ignore_ascii_case("bytes")));
+    let o = &ctx.options;
+    (o.split > 1
+        && !claim.no_split
+        && ranges
+        && state.validator().is_some()
+        && total > SMALL_BODY
+        && total >= o.min_split.saturating_mul(2))
+    .then_some(total)
+}
+
+/// Continues a split download from the ranges its `.part` records as done.
+fn resume_split(
+    ctx: &Arc<Context>,
+    entry: &Entry,
+    url: &str,
+    claim: &mut Claim<'_>,
+    done: &[Span],
+    deadline: Option<(Instant, Duration)>,
+    record: &mut Record,
+) -> Result<(), Failure> {
+    let file = claim.dir.open_rw(&claim.part)?;
+    writing(&file, claim)?;
+    let total = claim.state.as_ref().and_then(|s| s.length).unwrap_or(0);
+    let o = &ctx.options;
+    let segments = Segments::new(total, done, o.split, o.min_split, STALLED, Instant::now());
+    run_split(
+        ctx, entry, url, claim, file, segments, None, deadline, record,
+    )
+}
+
+/// Runs a split download over `file` (the `.part`, at its full length) and finishes it.
+#[allow(clippy::too_many_arguments)]
+fn run_split(
+    ctx: &Arc<Context>,
+    entry: &Entry,
+    url: &str,
+    claim: &mut Claim<'_>,
+    file: File,
+    segments: Segments,
+    first: Option<ureq::http::Response<ureq::Body>>,
+    deadline: Option<(Instant, Duration)>,
+    record: &mut Record,
+) -> Result<(), Failure> {
+    let part = claim.dir.path(&claim.part);
+    let mut state = claim.state.clone().unwrap_or_default();
+    let job = segmented::Job {
+        url: url.to_string(),
+        state: state.clone(),
+        deadline,
+        file: file.try_clone().map_err(disk("opening", &part))?,
+        part,
+        segments,
+        first,
+    };
+    let result = {
+        let mut save = |done: &[Span]| {
+            state.ranges = Some(split::recorded(done));
+            files::set_state(claim.dir, &file, &claim.part, &state).map_err(Failure::from)
+        };
+        segmented::run(ctx, job, &mut save)
+    };
+    claim.state = Some(state);
+    result?;
+    let hashing = match &entry.checksum {
+        Some(c) => Hashing(Some(hash_file(claim.dir, &claim.part, c.algo)?)),
+        None => Hashing(None),
+    };
+    finish(entry, claim, file, hashing, record)
 }
 
 /// Renames a claim to the name the server offered, and remembers it for later runs.
@@ -1000,6 +1155,7 @@ fn finish(
         .map_err(disk("reading", &claim.dir.path(&claim.part)))?
         .len();
     let mut state = claim.state.clone().unwrap_or_default();
+    state.ranges = None;
     if let Some(want) = state.length {
         if size != want {
             return Err(Failure::Incomplete(format!(

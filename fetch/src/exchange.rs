@@ -320,6 +320,15 @@ fn send(
                     .header("Range", format!("bytes={offset}-"))
                     .header("If-Range", validator.as_str());
             }
+            Ask::Range {
+                first,
+                last,
+                validator,
+            } => {
+                req = req
+                    .header("Range", format!("bytes={first}-{last}"))
+                    .header("If-Range", validator.as_str());
+            }
             Ask::IfNewer { since } => req = req.header("If-Modified-Since", since.as_str()),
             Ask::Whole => {}
         }

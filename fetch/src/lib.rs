@@ -15,7 +15,9 @@ pub mod netrc;
 pub mod queue;
 pub mod report;
 pub mod resume;
+pub mod segmented;
 pub mod shown;
+pub mod split;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -48,6 +50,10 @@ pub struct Options {
     pub headers: Vec<(String, String)>,
     /// Redirects followed per request (fetch follows them itself).
     pub max_redirects: u32,
+    /// Connections per file (`--split`), when the server allows ranges.
+    pub split: usize,
+    /// No segment smaller than this (`--min-split-size`).
+    pub min_split: u64,
     /// Total bytes per second across all downloads.
     pub limit_rate: Option<u64>,
     pub content_disposition: bool,
@@ -75,6 +81,8 @@ impl Default for Options {
             file_timeout: None,
             headers: Vec::new(),
             max_redirects: 10,
+            split: 1,
+            min_split: 1024 * 1024,
             limit_rate: None,
             content_disposition: false,
             remote_time: false,
@@ -139,8 +147,9 @@ const FILES_PER_JOB: u64 = 5;
 /// Open files left for everything else (the list, the report, DNS, idle connections).
 const FILES_SPARE: u64 = 64;
 
-/// Raises the open-files limit as far as allowed and checks that `jobs` downloads fit in it.
-pub fn check_open_files(jobs: usize) -> Result<(), RunError> {
+/// Raises the open-files limit as far as allowed and checks that `jobs` downloads, each
+/// over up to `split` connections, fit in it.
+pub fn check_open_files(jobs: usize, split: usize) -> Result<(), RunError> {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut limit = getrlimit(Resource::Nofile);
     if let (Some(cur), Some(max)) = (limit.current, limit.maximum) {
@@ -152,9 +161,10 @@ pub fn check_open_files(jobs: usize) -> Result<(), RunError> {
     let Some(cur) = getrlimit(Resource::Nofile).current else {
         return Ok(());
     };
-    let needs = jobs as u64 * FILES_PER_JOB + FILES_SPARE;
+    let per_job = FILES_PER_JOB + split.saturating_sub(1) as u64;
+    let needs = jobs as u64 * per_job + FILES_SPARE;
     if needs > cur {
-        let fits = cur.saturating_sub(FILES_SPARE) / FILES_PER_JOB;
+        let fits = cur.saturating_sub(FILES_SPARE) / per_job;
         return Err(RunError::Usage(format!(
             "-j {jobs} needs about {needs} open files, and this process may have {cur} \
              (ulimit -n); use -j {fits} or less, or raise the limit"
@@ -168,21 +178,23 @@ const MAPS_PER_JOB: u64 = 2;
 /// Memory maps left for everything else (libraries, heap arenas, threads, buffers).
 const MAPS_SPARE: u64 = 4096;
 
-/// Checks that `jobs` coroutines fit in the memory maps the kernel allows a process
-/// (`vm.max_map_count`): past it, creating one fails half-way through a run.
-pub fn check_jobs(jobs: usize) -> Result<(), RunError> {
+/// Checks that `jobs` downloads, each with up to `split` coroutines, fit in the memory maps
+/// the kernel allows a process (`vm.max_map_count`): past it, creating one fails half-way
+/// through a run.
+pub fn check_jobs(jobs: usize, split: usize) -> Result<(), RunError> {
     let Some(max) = std::fs::read_to_string("/proc/sys/vm/max_map_count")
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())
     else {
         return Ok(());
     };
-    let fits = max.saturating_sub(MAPS_SPARE) / MAPS_PER_JOB;
+    let per_job = MAPS_PER_JOB * split.max(1) as u64;
+    let fits = max.saturating_sub(MAPS_SPARE) / per_job;
     if jobs as u64 > fits {
         return Err(RunError::Usage(format!(
             "-j {jobs} needs about {} memory maps, and this system allows {max} \
              (vm.max_map_count); use -j {fits} or less, or raise vm.max_map_count",
-            jobs as u64 * MAPS_PER_JOB + MAPS_SPARE
+            jobs as u64 * per_job + MAPS_SPARE
         )));
     }
     Ok(())
@@ -245,13 +257,13 @@ pub struct Logins {
     pub netrc: Vec<netrc::Login>,
 }
 
-/// A `--limit-rate` value: a number of bytes per second with an optional K, M or G
-/// (powers of 1024).
-pub fn rate_arg(text: &str) -> Result<u64, RunError> {
+/// A size or rate argument (`--limit-rate`, `--min-split-size`): a number of bytes with an
+/// optional K, M or G (powers of 1024), more than zero.
+pub fn size_arg(flag: &str, text: &str) -> Result<u64, RunError> {
     let t = text.trim();
     let usage = || {
         RunError::Usage(format!(
-            "--limit-rate {text:?}: use a number with an optional K, M or G"
+            "{flag} {text:?}: use a number with an optional K, M or G"
         ))
     };
     let (digits, unit) = match t.char_indices().last() {
@@ -268,7 +280,7 @@ pub fn rate_arg(text: &str) -> Result<u64, RunError> {
     let n: f64 = digits.parse().map_err(|_| usage())?;
     if n.is_nan() || n <= 0.0 {
         return Err(RunError::Usage(format!(
-            "--limit-rate {text:?} must be more than zero"
+            "{flag} {text:?} must be more than zero"
         )));
     }
     Ok((n * factor as f64) as u64)

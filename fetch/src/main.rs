@@ -26,8 +26,10 @@ fn options(args: &Args) -> anyhow::Result<Options> {
         limit_rate: args
             .limit_rate
             .as_deref()
-            .map(corokit_fetch::rate_arg)
+            .map(|r| corokit_fetch::size_arg("--limit-rate", r))
             .transpose()?,
+        split: args.split as usize,
+        min_split: corokit_fetch::size_arg("--min-split-size", &args.min_split_size)?,
         content_disposition: args.content_disposition,
         remote_time: args.remote_time,
         timestamping: args.timestamping,
@@ -41,8 +43,8 @@ fn options(args: &Args) -> anyhow::Result<Options> {
     for h in &args.headers {
         o.headers.push(corokit_fetch::header_arg(h)?);
     }
-    corokit_fetch::check_jobs(o.jobs)?;
-    corokit_fetch::check_open_files(o.jobs)?;
+    corokit_fetch::check_jobs(o.jobs, o.split)?;
+    corokit_fetch::check_open_files(o.jobs, o.split)?;
     o.http.connect_timeout = seconds("connect-timeout", args.connect_timeout)?;
     o.http.read_timeout = Some(seconds("read-timeout", args.read_timeout)?);
     o.max_redirects = args.max_redirects;

@@ -39,6 +39,10 @@ pub struct State {
     /// complete file always.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_hash: Option<String>,
+    /// A partial file written in segments (`--split`): full length, with only these byte
+    /// ranges (`[start, end)`) written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranges: Option<Vec<[u64; 2]>>,
 }
 
 impl State {
@@ -58,6 +62,7 @@ impl State {
             last_modified: kept(last_modified),
             length,
             complete: false,
+            ranges: None,
         }
     }
 
@@ -146,6 +151,12 @@ pub enum Plan {
     Skip,
     /// Ask for the rest of `.part` from `offset`, if the server's copy still matches.
     Resume { offset: u64, validator: String },
+    /// Ask for the ranges of a segmented `.part` not in `done`, if the server's copy still
+    /// matches.
+    Segments {
+        done: Vec<[u64; 2]>,
+        validator: String,
+    },
     /// Ask for the whole file (no record, a missing file, or a partial that cannot be
     /// continued safely); `why` says which when it is worth telling.
     Fresh { why: Option<&'static str> },
@@ -164,6 +175,20 @@ pub fn plan(state: Option<&State>, done: Option<u64>, part: Option<u64>) -> Plan
             },
             None => Plan::Fresh {
                 why: Some("the finished file is gone"),
+            },
+        };
+    }
+    if let Some(done) = &state.ranges {
+        return match (part, state.length, state.validator()) {
+            (Some(len), Some(want), Some(v)) if len == want => Plan::Segments {
+                done: done.clone(),
+                validator: v.to_string(),
+            },
+            (None, ..) => Plan::Fresh {
+                why: Some("the partial file is gone"),
+            },
+            _ => Plan::Fresh {
+                why: Some("the partial file changed size since it was written"),
             },
         };
     }
@@ -198,6 +223,12 @@ pub enum Ask {
         offset: u64,
         validator: String,
     },
+    /// `Range: bytes=FIRST-LAST` with `If-Range: VALIDATOR`: one segment of a split download.
+    Range {
+        first: u64,
+        last: u64,
+        validator: String,
+    },
 }
 
 /// What the server answered: the status and the headers that matter.
@@ -216,6 +247,8 @@ pub struct Answer<'a> {
 pub enum Decision {
     /// A whole body: write it from the start. `length` is what must arrive, when known.
     Whole { length: Option<u64> },
+    /// Write exactly the segment asked for (a 206 with that range of the recorded version).
+    Segment,
     /// Append exactly `length` bytes at `offset`; the file is then `total` bytes.
     Append {
         offset: u64,
@@ -277,6 +310,18 @@ pub fn decide(ask: &Ask, record: Option<&State>, answer: &Answer<'_>) -> Decisio
         length: answer.content_length,
     };
     match (answer.status, ask) {
+        (
+            206,
+            Ask::Range {
+                first,
+                last,
+                validator,
+            },
+        ) => segment(*first, *last, validator, record, answer),
+        (200 | 416, Ask::Range { .. }) => Decision::StartOver(format!(
+            "the server answered {} to a request for a range of the file",
+            answer.status
+        )),
         (200, _) => whole(),
         (304, Ask::IfNewer { .. }) => Decision::Unchanged,
         (206, Ask::Whole | Ask::IfNewer { .. }) => Decision::Refuse(
@@ -315,15 +360,58 @@ fn continuation(
     record: Option<&State>,
     answer: &Answer<'_>,
 ) -> Decision {
-    let start_over = |why: String| Decision::StartOver(why);
+    let total = match record.and_then(|s| s.length) {
+        Some(total) => total,
+        // Nothing recorded says how long the file is: the answer's total, checked below.
+        None => match answer.content_range.and_then(content_range) {
+            Some(ContentRange::Range {
+                total: Some(total), ..
+            }) => total,
+            _ => offset.saturating_add(1),
+        },
+    };
+    match exact_range(offset, total.saturating_sub(1), validator, record, answer) {
+        Ok(()) => Decision::Append {
+            offset,
+            length: total - offset,
+            total,
+        },
+        Err(why) => Decision::StartOver(why),
+    }
+}
+
+/// A 206 to `Range: bytes=FIRST-LAST`: written only if it is exactly that range, of the
+/// recorded version.
+fn segment(
+    first: u64,
+    last: u64,
+    validator: &str,
+    record: Option<&State>,
+    answer: &Answer<'_>,
+) -> Decision {
+    match exact_range(first, last, validator, record, answer) {
+        Ok(()) => Decision::Segment,
+        Err(why) => Decision::StartOver(why),
+    }
+}
+
+/// Why a 206 is not exactly bytes `want_first..=want_last` of the version `record`
+/// describes (carrying the `validator` sent in `If-Range`), if it is not.
+fn exact_range(
+    want_first: u64,
+    want_last: u64,
+    validator: &str,
+    record: Option<&State>,
+    answer: &Answer<'_>,
+) -> Result<(), String> {
     if answer
         .content_type
         .is_some_and(|t| t.trim().to_ascii_lowercase().starts_with("multipart/"))
     {
-        return start_over("the server sent several ranges instead of one".into());
+        return Err("the server sent several ranges instead of one".into());
     }
     let Some(range) = answer.content_range.and_then(content_range) else {
-        return start_over("the partial answer has no usable Content-Range".into());
+        return Err("the partial answer has no usable Content-Range".into());
     };
     let ContentRange::Range {
         first,
@@ -331,35 +419,39 @@ fn continuation(
         total: Some(total),
     } = range
     else {
-        return start_over("the partial answer does not say how long the file is".into());
+        return Err("the partial answer does not say how long the file is".into());
     };
-    if first != offset {
-        return start_over(format!(
-            "the server sent bytes from {first}, not from {offset}"
+    if first != want_first {
+        return Err(format!(
+            "the server sent bytes from {first}, not from {want_first}"
         ));
     }
     if last < first || last >= total {
-        return start_over(format!("the range {first}-{last}/{total} is not valid"));
-    }
-    if last + 1 != total {
-        return start_over(format!(
-            "the server sent bytes {first}-{last} of {total}, not the rest of the file"
-        ));
-    }
-    let length = total - first;
-    if answer.content_length.is_some_and(|l| l != length) {
-        return start_over(format!(
-            "Content-Length {} does not match the range {first}-{last}",
-            answer.content_length.unwrap_or(0)
-        ));
+        return Err(format!("the range {first}-{last}/{total} is not valid"));
     }
     let Some(state) = record else {
-        return start_over("nothing is recorded about the partial file".into());
+        return Err("nothing is recorded about the partial file".into());
     };
     if state.length.is_some_and(|l| l != total) {
-        return start_over(format!(
+        return Err(format!(
             "the file is now {total} bytes; it was {}",
             state.length.unwrap_or(0)
+        ));
+    }
+    if last != want_last {
+        let wanted = match want_last + 1 == total {
+            true => "the rest of the file".to_string(),
+            false => format!("{want_first}-{want_last}"),
+        };
+        return Err(format!(
+            "the server sent bytes {first}-{last} of {total}, not {wanted}"
+        ));
+    }
+    let length = last - first + 1;
+    if answer.content_length.is_some_and(|l| l != length) {
+        return Err(format!(
+            "Content-Length {} does not match the range {first}-{last}",
+            answer.content_length.unwrap_or(0)
         ));
     }
     // The validator we sent must come back: a server or cache that ignores If-Range would
@@ -371,13 +463,9 @@ fn continuation(
             && answer.etag.is_none_or(|e| state.etag.as_deref() == Some(e))
     };
     if !same {
-        return start_over("the server's copy changed since the partial download".into());
+        return Err("the server's copy changed since the partial download".into());
     }
-    Decision::Append {
-        offset,
-        length,
-        total,
-    }
+    Ok(())
 }
 
 #[cfg(test)]

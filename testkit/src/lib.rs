@@ -64,6 +64,9 @@ pub struct Response {
     /// Sent instead of the status line and headers, as they are (with the blank line that
     /// ends them); the connection closes after the body.
     pub raw_head: Option<Vec<u8>>,
+    /// The body is sent at this many bytes per second (a server or CDN that limits each
+    /// connection).
+    pub rate: Option<u64>,
 }
 
 impl Response {
@@ -76,6 +79,7 @@ impl Response {
             fault: Fault::None,
             content_length: None,
             raw_head: None,
+            rate: None,
         }
     }
 
@@ -107,6 +111,12 @@ impl Response {
         self
     }
 
+    /// Sends the body at `bytes_per_second`.
+    pub fn rate(mut self, bytes_per_second: u64) -> Self {
+        self.rate = Some(bytes_per_second.max(10));
+        self
+    }
+
     pub fn content_length(mut self, len: usize) -> Self {
         self.content_length = Some(len);
         self
@@ -117,8 +127,8 @@ impl Response {
     }
 
     /// Serves `body` as a file with the given ETag (strong) and Last-Modified, honouring
-    /// `Range` and `If-Range` the way RFC 9110 asks: a range only when the validator still
-    /// matches, 416 for a range past the end.
+    /// `Range` (`bytes=FIRST-` or `bytes=FIRST-LAST`) and `If-Range` the way RFC 9110 asks: a
+    /// range only when the validator still matches, 416 for a range past the end.
     pub fn file(req: &Request, body: &[u8], etag: &str, last_modified: &str) -> Self {
         let full = || {
             Response::ok(body.to_vec())
@@ -134,11 +144,14 @@ impl Response {
                 return full();
             }
         }
-        let Some(start) = range
-            .strip_prefix("bytes=")
-            .and_then(|r| r.strip_suffix('-'))
-            .and_then(|s| s.parse::<usize>().ok())
-        else {
+        let Some((start, last)) = range.strip_prefix("bytes=").and_then(|r| {
+            let (a, b) = r.split_once('-')?;
+            let a = a.parse::<usize>().ok()?;
+            match b {
+                "" => Some((a, usize::MAX)),
+                b => b.parse::<usize>().ok().filter(|&b| b >= a).map(|b| (a, b)),
+            }
+        }) else {
             return full();
         };
         if start >= body.len() {
@@ -146,10 +159,11 @@ impl Response {
                 .header("Content-Range", format!("bytes */{}", body.len()))
                 .header("ETag", etag);
         }
-        Response::new(206, body[start..].to_vec())
+        let last = last.min(body.len() - 1);
+        Response::new(206, body[start..=last].to_vec())
             .header(
                 "Content-Range",
-                format!("bytes {}-{}/{}", start, body.len() - 1, body.len()),
+                format!("bytes {}-{}/{}", start, last, body.len()),
             )
             .header("ETag", etag)
             .header("Last-Modified", last_modified)
@@ -439,7 +453,21 @@ fn serve<S: Read + Write>(mut conn: S, handler: &Handler, stats: &Stats) {
             Fault::DropAfter(n) | Fault::StallAfter(n, _) => &body[..n.min(body.len())],
             Fault::Close => &[],
         };
-        if conn.write_all(sent).and_then(|_| conn.flush()).is_err() {
+        let written = match rsp.rate {
+            None => conn.write_all(sent),
+            Some(rate) => {
+                sent.chunks((rate / 10) as usize)
+                    .enumerate()
+                    .try_for_each(|(k, chunk)| {
+                        if k > 0 {
+                            corokit_common::sleep(Duration::from_millis(100));
+                        }
+                        conn.write_all(chunk)?;
+                        conn.flush()
+                    })
+            }
+        };
+        if written.and_then(|_| conn.flush()).is_err() {
             return;
         }
         if let Fault::StallAfter(_, stall) = rsp.fault {

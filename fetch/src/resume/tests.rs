@@ -14,6 +14,7 @@ fn partial(etag: Option<&str>, lm: Option<&str>, length: Option<u64>) -> State {
         length,
         complete: false,
         url_hash: None,
+        ranges: None,
     }
 }
 
@@ -293,6 +294,7 @@ fn random_server_answers_never_finish_a_file_that_is_not_one_version() {
                 Plan::Skip => break,
                 Plan::Resume { offset, validator } => Ask::From { offset, validator },
                 Plan::Fresh { .. } => Ask::Whole,
+                Plan::Segments { .. } => unreachable!("nothing is split here"),
             };
             // The server's headers always describe the bytes it sends; what it sends, and
             // with what status and range, may be anything.
@@ -300,6 +302,7 @@ fn random_server_answers_never_finish_a_file_that_is_not_one_version() {
             let asked_from = match &ask {
                 Ask::From { offset, .. } => *offset,
                 Ask::Whole | Ask::IfNewer { .. } => 0,
+                Ask::Range { .. } => unreachable!("nothing is split here"),
             };
             let start = match rng.u8(0..4) {
                 0 => rng.u64(0..=total),
@@ -345,6 +348,7 @@ fn random_server_answers_never_finish_a_file_that_is_not_one_version() {
                         length,
                         complete: false,
                         url_hash: None,
+                        ranges: None,
                     });
                     disk.finish();
                 }
@@ -360,6 +364,7 @@ fn random_server_answers_never_finish_a_file_that_is_not_one_version() {
                     disk.state = None;
                 }
                 Decision::Refuse(_) | Decision::NotSuccess | Decision::Unchanged => {}
+                Decision::Segment => panic!("seed {seed}: a segment no request asked for"),
             }
             if let Some(done) = &disk.done {
                 assert!(
@@ -398,4 +403,199 @@ fn a_conditional_ask_is_unchanged_on_304_and_never_takes_a_part() {
         decide(&Ask::Whole, None, &answer(304)),
         Decision::NotSuccess
     );
+}
+
+fn range(first: u64, last: u64, validator: &str) -> Ask {
+    Ask::Range {
+        first,
+        last,
+        validator: validator.into(),
+    }
+}
+
+/// A segment is written only if the answer is exactly its range, of the recorded version;
+/// anything else (another version, a server that ignores ranges or If-Range, a wrong or
+/// multi-part range) starts the whole download over.
+#[test]
+fn a_segment_is_written_only_when_it_is_exactly_the_range_of_the_same_version() {
+    let state = partial(Some("\"v1\""), Some(LM1), Some(1000));
+    let ask = range(100, 199, "\"v1\"");
+    let good = Answer {
+        status: 206,
+        content_range: Some("bytes 100-199/1000"),
+        content_length: Some(100),
+        etag: Some("\"v1\""),
+        ..Answer::default()
+    };
+    assert_eq!(decide(&ask, Some(&state), &good), Decision::Segment);
+    let hostile = [
+        Answer {
+            etag: Some("\"v2\""),
+            ..good.clone()
+        },
+        Answer {
+            etag: None,
+            ..good.clone()
+        },
+        Answer {
+            content_range: Some("bytes 100-299/1000"),
+            content_length: Some(200),
+            ..good.clone()
+        },
+        Answer {
+            content_range: Some("bytes 0-99/1000"),
+            ..good.clone()
+        },
+        Answer {
+            content_range: Some("bytes 100-199/2000"),
+            ..good.clone()
+        },
+        Answer {
+            content_range: Some("bytes 100-199/*"),
+            ..good.clone()
+        },
+        Answer {
+            content_length: Some(1000),
+            ..good.clone()
+        },
+        Answer {
+            content_type: Some("multipart/byteranges; boundary=x"),
+            ..good.clone()
+        },
+        Answer {
+            status: 200,
+            content_range: None,
+            content_length: Some(1000),
+            ..good.clone()
+        },
+        Answer {
+            status: 416,
+            content_range: Some("bytes */1000"),
+            ..good.clone()
+        },
+    ];
+    for a in &hostile {
+        assert!(
+            matches!(decide(&ask, Some(&state), a), Decision::StartOver(_)),
+            "{a:?}"
+        );
+    }
+    // Nothing recorded: nothing to check the segment against.
+    assert!(matches!(decide(&ask, None, &good), Decision::StartOver(_)));
+    // Errors stay errors (retried by the caller).
+    let busy = Answer {
+        status: 503,
+        ..Answer::default()
+    };
+    assert_eq!(decide(&ask, Some(&state), &busy), Decision::NotSuccess);
+    // Last-Modified as the validator, when there is no strong ETag.
+    let by_date = partial(None, Some(LM1), Some(1000));
+    let ask = range(0, 99, LM1);
+    let a = Answer {
+        status: 206,
+        content_range: Some("bytes 0-99/1000"),
+        last_modified: Some(LM1),
+        ..Answer::default()
+    };
+    assert_eq!(decide(&ask, Some(&by_date), &a), Decision::Segment);
+}
+
+#[test]
+fn a_split_partial_file_continues_only_at_its_full_length_with_a_validator() {
+    let mut state = partial(Some("\"v1\""), None, Some(1000));
+    state.ranges = Some(vec![[0, 100], [500, 600]]);
+    assert_eq!(
+        plan(Some(&state), None, Some(1000)),
+        Plan::Segments {
+            done: vec![[0, 100], [500, 600]],
+            validator: "\"v1\"".into()
+        }
+    );
+    for part in [None, Some(999), Some(1001), Some(100)] {
+        assert!(
+            matches!(plan(Some(&state), None, part), Plan::Fresh { why: Some(_) }),
+            "{part:?}"
+        );
+    }
+    let mut weak = partial(Some("W/\"v1\""), None, Some(1000));
+    weak.ranges = Some(Vec::new());
+    assert!(matches!(
+        plan(Some(&weak), None, Some(1000)),
+        Plan::Fresh { .. }
+    ));
+    // The ranges survive the stored form, and a finished file's short form has none.
+    assert_eq!(parse(&encode(&state)), Record::Valid(state.clone()));
+    state.complete = true;
+    state.ranges = None;
+    assert!(encode(&state).starts_with(b"done "));
+}
+
+/// A split download against a server that changes its file between any two requests and
+/// answers each range with anything (another range, another total, another version, the
+/// whole file): whatever is assembled is one version of the server's bytes.
+#[test]
+fn a_split_download_never_assembles_two_versions() {
+    for seed in 0..2000u64 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let len = rng.usize(2..300);
+        let versions: Vec<(Vec<u8>, String)> = (0..2)
+            .map(|k| {
+                let bytes = (0..len).map(|_| rng.u8(..)).collect();
+                (bytes, format!("\"v{k}\""))
+            })
+            .collect();
+        let mut current = 0;
+        // The first answer fixes the version every segment is checked against.
+        let state = partial(Some(&versions[current].1), None, Some(len as u64));
+        let validator = versions[current].1.clone();
+        let mut part = vec![0u8; len];
+        let mut written = vec![false; len];
+        let mut started_over = false;
+        'segments: for first in (0..len).step_by(rng.usize(1..len)) {
+            let last = (first + rng.usize(0..len)).min(len - 1);
+            let ask = range(first as u64, last as u64, &validator);
+            if rng.u8(0..6) == 0 {
+                current = 1 - current;
+            }
+            let (bytes, etag) = &versions[current];
+            let honours_if_range = rng.u8(0..4) != 0;
+            let (status, from, to) = if *etag != validator && honours_if_range {
+                (200, 0, len - 1)
+            } else {
+                match rng.u8(0..5) {
+                    0 => (200, 0, len - 1),
+                    1 => {
+                        let a = rng.usize(0..len);
+                        (206, a, rng.usize(a..len))
+                    }
+                    _ => (206, first, last),
+                }
+            };
+            let content_range = format!("bytes {from}-{to}/{len}");
+            let a = Answer {
+                status,
+                content_range: (status == 206).then_some(content_range.as_str()),
+                content_length: Some((to - from + 1) as u64),
+                etag: Some(etag),
+                ..Answer::default()
+            };
+            match decide(&ask, Some(&state), &a) {
+                Decision::Segment => {
+                    part[first..=last].copy_from_slice(&bytes[from..=to]);
+                    written[first..=last].iter_mut().for_each(|w| *w = true);
+                }
+                Decision::StartOver(_) => {
+                    started_over = true;
+                    break 'segments;
+                }
+                other => panic!("seed {seed}: {other:?}"),
+            }
+        }
+        if !started_over && written.iter().all(|&w| w) {
+            assert!(
+                versions.iter().any(|(v, _)| *v == part),
+                "seed {seed}: two versions spliced"
+            );
+        }
+    }
 }

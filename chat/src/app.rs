@@ -137,6 +137,24 @@ pub fn resolve(text: &str, bare_port: Option<u16>) -> anyhow::Result<SocketAddr>
         .with_context(|| format!("{:?}: no address", escape(text)))
 }
 
+/// A UDP socket on any free port whose number is free for TCP too: files are served over TCP
+/// on the port number offers go from, and a free UDP port can be a TCP port another program
+/// uses (a client connection's, say).
+fn bind_serving(at: Option<&str>) -> anyhow::Result<may::net::UdpSocket> {
+    let mut tries = 0;
+    loop {
+        let socket = bind(at, 0)?;
+        tries += 1;
+        match sharing::bind_tcp(socket.local_addr()?) {
+            Ok(_) => return Ok(socket),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 32 => continue,
+            Err(e) => {
+                return Err(e).context("no port free for both UDP and TCP to serve files from")
+            }
+        }
+    }
+}
+
 /// Binds `--bind`, or by default `::` for IPv6 and IPv4 at once, falling back to `0.0.0.0`
 /// on a host without IPv6 (but not when the port is in use: that stays an error).
 pub fn bind(bind: Option<&str>, port: u16) -> anyhow::Result<may::net::UdpSocket> {
@@ -294,7 +312,10 @@ pub fn send_one(opts: &Options, to: &str, shot: &OneShot) -> anyhow::Result<Exit
     }
     let mut ipmsg_config = None;
     // Any free port unless one was asked for, so it works beside a running chat.
-    let socket = bind(opts.bind.as_deref(), opts.port.unwrap_or(0))?;
+    let socket = match (opts.port, shot.files.is_empty()) {
+        (None, false) => bind_serving(opts.bind.as_deref())?,
+        (port, _) => bind(opts.bind.as_deref(), port.unwrap_or(0))?,
+    };
     let mut ipmsg_socket = None;
     let mut port_held_elsewhere = false;
     if to_ipmsg && ipmsg {

@@ -36,8 +36,8 @@ pub struct HttpOptions {
     pub overall_timeout: Option<Duration>,
     /// Per-connection input buffer to start with (ureq's 128 KiB default costs 256 MB at 1000
     /// connections). It grows while the server keeps it full (a large header, a large body
-    /// read in large blocks) up to [`MAX_INPUT_BUFFER`], and shrinks back when the
-    /// connection is idle.
+    /// read in large blocks) up to [`MAX_INPUT_BUFFER`]; it is taken when an answer starts
+    /// to arrive and given back when the connection is idle.
     pub input_buffer: usize,
     /// Per-connection output buffer (request line and headers).
     pub output_buffer: usize,
@@ -273,10 +273,12 @@ fn connect_any(
     Err(last.unwrap_or(ureq::Error::Timeout(Timeout::Connect)))
 }
 
-/// A connection's buffers. The input buffer starts at `base` (allocated on first use) and
-/// doubles, up to [`MAX_INPUT_BUFFER`], whenever a read fills all the room it was given (the
-/// peer has more ready than fits) or unparsed input fills it (a header larger than `base`);
-/// `shrink` gives the memory back when the connection is idle.
+/// A connection's buffers. The input buffer starts at `base` (allocated once there is input
+/// to read) and doubles, up to [`MAX_INPUT_BUFFER`], whenever a read fills all the room it
+/// was given (the peer has more ready than fits) or unparsed input fills it (a header larger
+/// than `base`); the output buffer exists while a request is written. A connection waiting
+/// for its answer holds no input buffer, and an idle one no buffer at all (`release`): with
+/// thousands of downloads waiting at once, these are most of their memory.
 struct Elastic {
     base: usize,
     target: usize,
@@ -317,14 +319,20 @@ impl Elastic {
         }
     }
 
-    /// Back to the starting size, if nothing is waiting to be read.
-    fn shrink(&mut self) {
-        if self.consumed == self.filled && self.input.len() > self.base {
+    /// Gives both buffers back, if nothing is waiting to be read.
+    fn release(&mut self) {
+        self.output = Vec::new();
+        if self.consumed == self.filled {
             self.input = Vec::new();
             self.target = self.base;
             self.filled = 0;
             self.consumed = 0;
         }
+    }
+
+    /// True when no input buffer is allocated (nothing read since the last `release`).
+    fn unallocated(&self) -> bool {
+        self.input.is_empty()
     }
 }
 
@@ -440,7 +448,10 @@ impl Transport for MayTransport {
         let output = &self.buffers.output()[..amount];
         self.stream
             .write_all(output)
-            .map_err(|e| timed_out(e, timeout.reason))
+            .map_err(|e| timed_out(e, timeout.reason))?;
+        // A request is one write: the answer may be a long wait.
+        self.buffers.output = Vec::new();
+        Ok(())
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
@@ -449,6 +460,16 @@ impl Transport for MayTransport {
         if wanted != self.read_timeout {
             self.stream.set_read_timeout(wanted)?;
             self.read_timeout = wanted;
+        }
+        if self.buffers.unallocated() {
+            // Wait for the answer before taking memory to read it into.
+            loop {
+                match self.stream.peek(&mut [0u8; 1]) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(timed_out(e, timeout.reason)),
+                    Ok(_) => break,
+                }
+            }
         }
         let input = self.buffers.input_append_buf();
         let amount = loop {
@@ -464,9 +485,8 @@ impl Transport for MayTransport {
     /// Called while ureq holds its pool's std mutex, so it must not yield: it peeks through
     /// the socket's std handle, which may has already made non-blocking.
     fn is_open(&mut self) -> bool {
-        // Asked when the connection would be reused, so it is idle: give back what a large
-        // answer made the buffers grow to.
-        self.buffers.shrink();
+        // Asked when the connection would be reused, so it is idle: its buffers go back.
+        self.buffers.release();
         let mut byte = [0u8; 1];
         match self.stream.inner().peek(&mut byte) {
             Err(e) => e.kind() == io::ErrorKind::WouldBlock,

@@ -1,6 +1,8 @@
 //! Lines of standard input for coroutines.
 //!
-//! A dedicated OS thread does the blocking reads and hands each line over a may channel.
+//! A dedicated OS thread does the blocking reads and hands the lines over a may channel, as
+//! many at once as it read in one go (a list file: up to [`BATCH`] lines per hand-over, so a
+//! long list costs a wake-up per batch, not per line; a terminal: each line as it is typed).
 //! Wrapping stdin in `may::io::CoIo` instead fails for regular files and `/dev/null`, and
 //! sets `O_NONBLOCK` on a shared terminal, which then breaks writes to stdout.
 #![allow(clippy::disallowed_methods)]
@@ -10,9 +12,12 @@ use std::sync::Arc;
 
 use may::sync::{mpsc, Semphore};
 
-/// Lines read ahead of the consumer. The reader thread waits when this many are queued, so
-/// a huge input costs no more memory than a short one.
-const READ_AHEAD: usize = 1024;
+/// Lines handed over at once, at most.
+const BATCH: usize = 64;
+/// Batches read ahead of the consumer (so at most `BATCH` × this many lines). The reader
+/// thread waits when this many are queued, so a huge input costs no more memory than a
+/// short one.
+const READ_AHEAD: usize = 16;
 
 /// The longest line delivered; longer ones are skipped (read and dropped, never held in
 /// memory) and reported as [`LineError::TooLong`].
@@ -32,16 +37,25 @@ pub enum LineError {
 /// Lines as they arrive: `None` after end of input or after a read error (which is
 /// delivered as the last item).
 pub struct Lines {
-    rx: mpsc::Receiver<Result<String, LineError>>,
+    rx: mpsc::Receiver<Vec<Result<String, LineError>>>,
     free: Arc<Semphore>,
+    /// The rest of the batch last received, in reverse order.
+    batch: std::sync::Mutex<Vec<Result<String, LineError>>>,
 }
 
 impl Lines {
     /// The next line, parking the coroutine (or thread) until one arrives.
     pub fn recv(&self) -> Option<Result<String, LineError>> {
-        let line = self.rx.recv().ok()?;
+        let mut batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(line) = batch.pop() {
+            return Some(line);
+        }
+        let mut next = self.rx.recv().ok()?;
         self.free.post();
-        Some(line)
+        next.reverse();
+        let line = next.pop();
+        *batch = next;
+        line
     }
 }
 
@@ -110,24 +124,33 @@ pub fn read_lines_limited<R: Read + Send + 'static>(source: R, limit: usize) -> 
     let reader = move || {
         let mut source = BufReader::new(source);
         let mut buf = Vec::new();
+        let mut batch = Vec::new();
         loop {
-            let item = match next_line(&mut source, &mut buf, limit) {
-                Ok(None) => return,
+            let (item, last) = match next_line(&mut source, &mut buf, limit) {
+                Ok(None) => (None, true),
                 Ok(Some(true)) => {
                     if buf.ends_with(b"\r") {
                         buf.pop();
                     }
-                    Ok(String::from_utf8_lossy(&buf).into_owned())
+                    (Some(Ok(String::from_utf8_lossy(&buf).into_owned())), false)
                 }
-                Ok(Some(false)) => Err(LineError::TooLong { limit }),
-                Err(e) => {
-                    let _ = tx.send(Err(LineError::Read(e)));
+                Ok(Some(false)) => (Some(Err(LineError::TooLong { limit })), false),
+                Err(e) => (Some(Err(LineError::Read(e))), true),
+            };
+            batch.extend(item);
+            // Handed over when full, at the end, or when the next line is not read yet (a
+            // terminal: the user is still typing it).
+            let more = source.buffer().contains(&b'\n');
+            if batch.len() >= BATCH || last || (!more && !batch.is_empty()) {
+                if !batch.is_empty() {
+                    reader_free.wait();
+                    if tx.send(std::mem::take(&mut batch)).is_err() {
+                        return;
+                    }
+                }
+                if last {
                     return;
                 }
-            };
-            reader_free.wait();
-            if tx.send(item).is_err() {
-                return;
             }
         }
     };
@@ -136,10 +159,18 @@ pub fn read_lines_limited<R: Read + Send + 'static>(source: R, limit: usize) -> 
         .spawn(reader)
     {
         let (tx, rx) = mpsc::channel();
-        let _ = tx.send(Err(LineError::Read(e)));
-        return Lines { rx, free };
+        let _ = tx.send(vec![Err(LineError::Read(e))]);
+        return Lines {
+            rx,
+            free,
+            batch: Default::default(),
+        };
     }
-    Lines { rx, free }
+    Lines {
+        rx,
+        free,
+        batch: Default::default(),
+    }
 }
 
 #[cfg(test)]

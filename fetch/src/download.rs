@@ -30,6 +30,9 @@ const MAX_HOSTS: usize = 4096;
 /// Bodies up to this size are received into memory and written in one go: an unnamed file
 /// linked in with its state, no `.part`. A run killed meanwhile has written nothing for them.
 const SMALL_BODY: u64 = 16 * 1024;
+/// The longest state of a split download: one extended attribute holds about 4 KiB on ext4
+/// (name included), and a split one's state grows as it records ranges.
+const MAX_SPLIT_STATE: usize = 3800;
 /// Large bodies are read and written in blocks of this size.
 const BLOCK: usize = 256 * 1024;
 /// Times one download may be told to start over (an answer that does not continue the
@@ -281,6 +284,7 @@ impl Context {
                 released,
                 if_newer: None,
                 no_split: false,
+                part_may_exist: part_kind != Kind::Missing,
             });
         }
         Err(failed(Failure::NameClash(format!(
@@ -335,6 +339,8 @@ struct Claim<'a> {
     if_newer: Option<String>,
     /// One connection only: a split download of this file had to start over.
     no_split: bool,
+    /// A `.part` may be there: one was when the name was claimed, or this run made one.
+    part_may_exist: bool,
 }
 
 impl Drop for Claim<'_> {
@@ -363,6 +369,10 @@ impl Claim<'_> {
     }
 
     fn plan(&self) -> Plan {
+        // Nothing recorded: nothing on disk matters (and a new download costs no stat).
+        if self.state.is_none() {
+            return Plan::Fresh { why: None };
+        }
         resume::plan(
             self.state.as_ref(),
             self.size(&self.name),
@@ -387,6 +397,9 @@ impl Claim<'_> {
 
     /// Removes a partial file of this URL left beside a complete file just made.
     fn remove_stale_part(&self, url: &str) {
+        if !self.part_may_exist {
+            return;
+        }
         if let StateRecord::Valid(s) = files::state(self.dir, &self.part) {
             if s.belongs_to(url) {
                 self.dir.remove(&self.part);
@@ -595,29 +608,34 @@ fn run_started(
         // Until a response has been written somewhere, the server may still name the file.
         let rename = may_rename && claim.state.is_none();
         let result = {
-            let _slot = ctx.host_slot(attempt_url);
+            let slot = ctx.host_slot(attempt_url);
             if deadline.is_none() {
                 deadline = ctx
                     .options
                     .file_timeout
                     .map(|limit| (Instant::now() + limit, limit));
             }
-            attempt(
-                ctx,
-                entry,
-                attempt_url,
-                &mut claim,
-                rename,
-                record,
+            let mut this = Try {
+                url: attempt_url,
                 deadline,
-            )
+                slot,
+            };
+            attempt(ctx, entry, &mut this, &mut claim, rename, record)
         };
         record.path = Some(claim.dir.path(&claim.name));
-        record.bytes = claim
-            .size(&claim.name)
-            .filter(|_| result.is_ok())
-            .or_else(|| claim.part_bytes())
-            .unwrap_or(0);
+        // A download just finished has its length in its state: no stat for it.
+        let finished = claim
+            .state
+            .as_ref()
+            .filter(|s| s.complete && result.is_ok());
+        record.bytes = match finished.and_then(|s| s.length) {
+            Some(length) => length,
+            None => claim
+                .size(&claim.name)
+                .filter(|_| result.is_ok())
+                .or_else(|| claim.part_bytes())
+                .unwrap_or(0),
+        };
         let failure = match result {
             Err(Failure::NotModified) => return Ok(Outcome::Skipped),
             Ok(()) => {
@@ -766,17 +784,15 @@ impl Hashing {
 fn attempt<'a>(
     ctx: &'a Arc<Context>,
     entry: &Entry,
-    url: &str,
+    this: &mut Try<'_>,
     claim: &mut Claim<'a>,
     may_rename: bool,
     record: &mut Record,
-    deadline: Option<(Instant, Duration)>,
 ) -> Result<(), Failure> {
+    let (url, deadline) = (this.url, this.deadline);
     let ask = match claim.plan() {
         Plan::Resume { offset, validator } => Ask::From { offset, validator },
-        Plan::Segments { done, .. } => {
-            return resume_split(ctx, entry, url, claim, &done, deadline, record)
-        }
+        Plan::Segments { done, .. } => return resume_split(ctx, entry, this, claim, &done, record),
         Plan::Fresh { why } => {
             if let (Some(why), 1) = (why, record.attempts) {
                 ctx.reporter
@@ -850,27 +866,23 @@ fn attempt<'a>(
                 state.ranges = Some(Vec::new());
             }
             claim.not_busy()?;
+            claim.part_may_exist = true;
+            claim.part_may_exist = true;
             let mut file = files::create_part(claim.dir, &claim.part, &state)?;
             writing(&file, claim)?;
             claim.state = Some(state);
             remember_numbered(ctx, claim, &entry.urls[0])?;
             if let Some(total) = split {
-                file.set_len(total)
-                    .map_err(disk("writing", &claim.dir.path(&claim.part)))?;
+                if let Err(e) = file.set_len(total) {
+                    // (A length the filesystem cannot hold, say.) No `.part` is left whose
+                    // length is not its state's.
+                    claim.discard_part();
+                    return Err(disk("writing", &claim.dir.path(&claim.part))(e));
+                }
                 let o = &ctx.options;
                 let segments =
                     Segments::new(total, &[], o.split, o.min_split, STALLED, Instant::now());
-                return run_split(
-                    ctx,
-                    entry,
-                    url,
-                    claim,
-                    file,
-                    segments,
-                    Some(rsp),
-                    deadline,
-                    record,
-                );
+                return run_split(ctx, entry, this, claim, file, (segments, Some(rsp)), record);
             }
             let hashing = receive(ctx, claim, &mut file, rsp, length, hashing, deadline)?;
             finish(entry, claim, file, hashing, record)
@@ -878,9 +890,29 @@ fn attempt<'a>(
     }
 }
 
+/// A new open file description of the file `file` is open on: its own offset, and none of
+/// the locks `file` holds.
+fn reopen(file: &File) -> io::Result<File> {
+    use std::os::fd::AsRawFd;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+/// One try of a download: the URL asked (the list's or a mirror), the file's deadline, and
+/// the `--per-host` slot held for it.
+struct Try<'u> {
+    url: &'u str,
+    deadline: Option<(Instant, Duration)>,
+    slot: Option<Slot>,
+}
+
 /// The length to split a new download of, when `--split` asks for connections and the
 /// answer allows it: ranges in bytes, a length worth two segments, and a validator each
-/// segment's `If-Range` can carry so that no segment comes from another version.
+/// segment's `If-Range` can carry so that no segment comes from another version: a strong
+/// ETag (kept in the state), or Last-Modified from a server that gave no ETag at all (RFC
+/// 9110 §13.1.5). The state must also fit its extended attribute with all the ranges it may
+/// come to record.
 fn split_length(
     ctx: &Context,
     claim: &Claim<'_>,
@@ -891,11 +923,20 @@ fn split_length(
     let total = length?;
     let ranges = header(rsp, "Accept-Ranges")
         .is_some_and(|v| v.split(',').any(|u| u.trim().eq_ignore_ascii_case("bytes")));
+    let validator = match (header(rsp, "ETag"), &state.etag) {
+        (Some(_), Some(kept)) => !kept.starts_with("W/"),
+        (Some(_), None) => false,
+        (None, _) => state.last_modified.is_some(),
+    };
+    let mut longest = state.clone();
+    longest.ranges = Some(vec![[u64::MAX; 2]; split::RECORDED]);
+    let fits = resume::encode(&longest).len() <= MAX_SPLIT_STATE;
     let o = &ctx.options;
     (o.split > 1
         && !claim.no_split
         && ranges
-        && state.validator().is_some()
+        && validator
+        && fits
         && total > SMALL_BODY
         && total >= o.min_split.saturating_mul(2))
     .then_some(total)
@@ -905,10 +946,9 @@ fn split_length(
 fn resume_split(
     ctx: &Arc<Context>,
     entry: &Entry,
-    url: &str,
+    this: &mut Try<'_>,
     claim: &mut Claim<'_>,
     done: &[Span],
-    deadline: Option<(Instant, Duration)>,
     record: &mut Record,
 ) -> Result<(), Failure> {
     let file = claim.dir.open_rw(&claim.part)?;
@@ -916,37 +956,41 @@ fn resume_split(
     let total = claim.state.as_ref().and_then(|s| s.length).unwrap_or(0);
     let o = &ctx.options;
     let segments = Segments::new(total, done, o.split, o.min_split, STALLED, Instant::now());
-    run_split(
-        ctx, entry, url, claim, file, segments, None, deadline, record,
-    )
+    run_split(ctx, entry, this, claim, file, (segments, None), record)
 }
 
 /// Runs a split download over `file` (the `.part`, at its full length) and finishes it.
-#[allow(clippy::too_many_arguments)]
 fn run_split(
     ctx: &Arc<Context>,
     entry: &Entry,
-    url: &str,
+    this: &mut Try<'_>,
     claim: &mut Claim<'_>,
     file: File,
-    segments: Segments,
-    first: Option<ureq::http::Response<ureq::Body>>,
-    deadline: Option<(Instant, Duration)>,
+    (segments, first): (Segments, Option<ureq::http::Response<ureq::Body>>),
     record: &mut Record,
 ) -> Result<(), Failure> {
     let part = claim.dir.path(&claim.part);
     let mut state = claim.state.clone().unwrap_or_default();
     let job = segmented::Job {
-        url: url.to_string(),
+        url: this.url.to_string(),
         state: state.clone(),
-        deadline,
-        file: file.try_clone().map_err(disk("opening", &part))?,
+        deadline: this.deadline,
+        // The connections write through a description of their own: one still blocked in
+        // a read after the download ended holds neither the file's lock nor its name.
+        file: reopen(&file).map_err(disk("opening", &part))?,
         part,
         segments,
         first,
+        // The first connection goes on with this try's --per-host slot, and keeps it
+        // while it lingers.
+        slot: this.slot.take(),
     };
     let result = {
         let mut save = |done: &[Span]| {
+            // The bytes before the record that says they are there: after a crash, a
+            // range recorded as done is on disk, not a hole.
+            file.sync_data()
+                .map_err(disk("writing", &claim.dir.path(&claim.part)))?;
             state.ranges = Some(split::recorded(done));
             files::set_state(claim.dir, &file, &claim.part, &state).map_err(Failure::from)
         };
@@ -1037,6 +1081,7 @@ fn receive_small(
         claim.remove_stale_part(&entry.urls[0]);
     } else {
         claim.not_busy()?;
+        claim.part_may_exist = true;
         let mut file = files::create_part(claim.dir, &claim.part, &state)?;
         writing(&file, claim)?;
         file.write_all(&body)

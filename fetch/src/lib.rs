@@ -310,6 +310,19 @@ pub enum RunError {
 pub fn run(options: Options, list: Lines, shutdown: Shutdown) -> Result<Summary, RunError> {
     let ctx = context(options, shutdown.clone())?;
     let pool = Pool::start(&ctx, Arc::new(NoHooks))?;
+    // The list is read in a coroutine: handing an entry to a download coroutine, and being
+    // told a place is free, are then switches within the workers, not wake-ups of this
+    // thread.
+    let producer = {
+        let ctx = ctx.clone();
+        corokit_common::spawn(move || produce(&ctx, pool, list, &shutdown))?
+    };
+    let _ = producer.join();
+    Ok(ctx.reporter.finish())
+}
+
+/// Parses the list's lines and gives each entry to the pool; then lets the pool finish.
+fn produce(ctx: &Context, pool: Pool, list: Lines, shutdown: &Shutdown) {
     let mut parser = Parser::new();
     while !shutdown.is_requested() {
         let Some(line) = list.recv() else { break };
@@ -334,7 +347,6 @@ pub fn run(options: Options, list: Lines, shutdown: Shutdown) -> Result<Summary,
         }
     }
     pool.finish();
-    Ok(ctx.reporter.finish())
 }
 
 /// The shared state of a run: the output directory, the reporter and the options.

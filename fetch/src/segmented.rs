@@ -60,6 +60,8 @@ pub struct Job {
     pub segments: Segments,
     /// An answer to a request for the whole file, whose first segment it fills.
     pub first: Option<ureq::http::Response<ureq::Body>>,
+    /// The download's `--per-host` slot, for the first connection.
+    pub slot: Option<corokit_common::Slot>,
 }
 
 /// Runs the connections until the file is whole (`Ok`), or the download ends otherwise.
@@ -93,10 +95,12 @@ pub fn run(
     let mut live = 0;
     let wanted = ctx.options.split.min(worth as usize).max(1);
     let mut first = first;
+    let mut own_slot = job.slot;
     for k in 0..wanted {
-        // The download holds one --per-host slot already; the others take free ones.
+        // The first connection has the download's --per-host slot; the others take free
+        // ones.
         let slot = match k {
-            0 => None,
+            0 => own_slot.take(),
             _ => match ctx.spare_host_slot(&shared.url) {
                 Some(slot) => slot,
                 None => break,

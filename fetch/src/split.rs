@@ -284,14 +284,16 @@ impl Segments {
     }
 }
 
+/// Spans a partial file's state keeps at most.
+pub const RECORDED: usize = 16;
+
 /// Spans a partial file's state keeps: the largest of `done`, in order. Leaving a span out
 /// costs only fetching it again; keeping all could overflow the state's extended attribute.
 pub fn recorded(done: &[Span]) -> Vec<Span> {
-    const KEPT: usize = 16;
     let mut kept = done.to_vec();
-    if kept.len() > KEPT {
+    if kept.len() > RECORDED {
         kept.sort_by_key(|s| std::cmp::Reverse(s[1] - s[0]));
-        kept.truncate(KEPT);
+        kept.truncate(RECORDED);
         kept.sort();
     }
     kept

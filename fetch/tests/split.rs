@@ -299,3 +299,99 @@ fn what_a_stalled_connection_left_is_taken_by_another() {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// A validator that cannot be kept whole in the state (an ETag over 1 KiB, or one whose
+/// escaping would overflow the state as ranges are recorded): one connection, no restart.
+#[test]
+fn a_validator_the_state_cannot_keep_is_not_split_on() {
+    let data = body(MIB, 8);
+    let served = data.clone();
+    let server = Server::start(move |req| {
+        let (etag, lm) = match req.path.as_str() {
+            "/long" => (format!("\"{}\"", "e".repeat(1100)), LM.to_string()),
+            // Each kept, but escaped in the state they come to over 3 KiB.
+            _ => (
+                format!("\"{}\"", "\\".repeat(1000)),
+                format!("{LM}{}", "\\".repeat(900)),
+            ),
+        };
+        Response::file(req, &served, &etag, &lm)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let list = format!("{}\n{}\n", server.url("/long"), server.url("/escaped"));
+    let run = run_fetch(dir.path(), &list, &["--split", "4", "-k", "64K"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    for name in ["long", "escaped"] {
+        assert!(std::fs::read(out(dir.path(), name)).unwrap() == data);
+    }
+    assert_eq!(server.stats.requests(), 2);
+    assert!(!run.stderr.contains("starting over"), "{}", run.stderr);
+}
+
+/// The first mirror's whole-file answer stalls and its ranges are gone (404): the next
+/// mirror finishes the file, though the stalled connection is still open.
+#[test]
+fn a_split_download_goes_on_at_the_next_mirror() {
+    let data = body(MIB, 9);
+    let served = data.clone();
+    let server = Server::start(move |req| {
+        let rsp = Response::file(req, &served, "\"v1\"", LM);
+        match (req.path.as_str(), req.header("Range")) {
+            ("/a/f.bin", None) => rsp.fault(Fault::StallAfter(64 * 1024, Duration::from_secs(20))),
+            ("/a/f.bin", Some(_)) => Response::new(404, Vec::new()),
+            _ => rsp,
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let list = format!("{}\t{}\n", server.url("/a/f.bin"), server.url("/b/f.bin"));
+    let run = run_fetch(
+        dir.path(),
+        &list,
+        &["--split", "4", "-k", "64K", "--read-timeout", "60"],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(std::fs::read(out(dir.path(), "f.bin")).unwrap() == data);
+    assert!(!run.stderr.contains("another fetch"), "{}", run.stderr);
+}
+
+/// A connection left reading a stalled answer after its download ended keeps its
+/// `--per-host` slot: the next download from the host gets no more connections than free.
+#[test]
+fn a_lingering_connection_keeps_its_per_host_slot() {
+    let data = body(MIB, 10);
+    let served = data.clone();
+    let server = Server::start(move |req| {
+        let rsp = Response::file(req, &served, "\"v1\"", LM);
+        if req.path == "/first" && req.header("Range").is_none() {
+            return rsp.fault(Fault::StallAfter(64 * 1024, Duration::from_secs(15)));
+        }
+        rsp.delay(Duration::from_millis(100))
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let list = format!("{}\n{}\n", server.url("/first"), server.url("/second"));
+    let run = run_fetch(
+        dir.path(),
+        &list,
+        &[
+            "--split",
+            "2",
+            "-k",
+            "64K",
+            "--per-host",
+            "2",
+            "-j",
+            "1",
+            "--read-timeout",
+            "60",
+        ],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    for name in ["first", "second"] {
+        assert!(std::fs::read(out(dir.path(), name)).unwrap() == data);
+    }
+    assert!(
+        server.stats.max_in_flight() <= 2,
+        "{}",
+        server.stats.max_in_flight()
+    );
+}

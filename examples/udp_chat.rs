@@ -42,7 +42,7 @@ fn main() {
             }
         })
     };
-    let lines = corokit_common::stdin::lines();
+    let mut lines = corokit_common::stdin::lines();
     while let Some(Ok(line)) = lines.recv() {
         if let Err(e) = socket.send_to(line.as_bytes(), peer) {
             eprintln!("udp_chat: sending to {peer}: {e}");

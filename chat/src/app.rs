@@ -578,7 +578,7 @@ pub fn run(opts: &Options, session: Session) -> anyhow::Result<ExitCode> {
     }
 
     let interactive = io::stdin().is_terminal() && io::stdout().is_terminal() && !session.json;
-    let (lines, out) = if interactive {
+    let (mut lines, out) = if interactive {
         let (lines, above) = crate::terminal::editor(shutdown.clone())?;
         (lines, corokit_common::output::write_lines(above)?)
     } else {

@@ -20,6 +20,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, XattrFlags, CWD};
 use rustix::io::Errno;
@@ -334,16 +335,7 @@ impl Dir {
                 source: io_err(e),
             },
         )?;
-        let unnamed = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
-        let link = || {
-            rustix::fs::linkat(
-                CWD,
-                unnamed.as_str(),
-                &self.fd,
-                name,
-                AtFlags::SYMLINK_FOLLOW,
-            )
-        };
+        let link = || self.link_unnamed(&file, name);
         match link() {
             Ok(()) => return Ok(Some(file)),
             Err(Errno::EXIST) if self.replaceable(name, same) => {}
@@ -522,16 +514,31 @@ impl Dir {
                 })
             }
         }
-        // The /proc link names the unnamed file itself; the new name is never followed.
-        let unnamed = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
-        Ok(rustix::fs::linkat(
+        Ok(self.link_unnamed(&file, name).is_ok())
+    }
+
+    /// Gives the unnamed (`O_TMPFILE`) `file` the name `name` here; the new name is never
+    /// followed. By the descriptor itself where the kernel allows it (Linux 6.10 and later,
+    /// or with CAP_DAC_READ_SEARCH), else through its `/proc` link: a path walk through
+    /// procfs, which costs more than the link.
+    fn link_unnamed(&self, file: &File, name: &str) -> Result<(), Errno> {
+        static BY_PROC: AtomicBool = AtomicBool::new(false);
+        if !BY_PROC.load(Ordering::Relaxed) {
+            match rustix::fs::linkat(file, "", &self.fd, name, AtFlags::EMPTY_PATH) {
+                Err(Errno::NOENT | Errno::PERM | Errno::INVAL) => {
+                    BY_PROC.store(true, Ordering::Relaxed)
+                }
+                other => return other,
+            }
+        }
+        let unnamed = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
+        rustix::fs::linkat(
             CWD,
             unnamed.as_str(),
             &self.fd,
             name,
             AtFlags::SYMLINK_FOLLOW,
         )
-        .is_ok())
     }
 
     fn sidecar(&self, name: &str) -> String {

@@ -128,10 +128,11 @@ impl HttpOptions {
             .proxy(self.proxy.clone())
             .tls_config(TlsConfig::builder().root_certs(roots).build())
             .build();
-        let connector =
+        let connector = Connectors(
             ().chain(ConnectProxyConnector::default())
                 .chain(MayConnector)
-                .chain(RustlsConnector::default());
+                .chain(RustlsConnector::default()),
+        );
         Agent::with_parts(
             config,
             connector,
@@ -200,6 +201,50 @@ impl Resolver for MayResolver {
     }
 }
 
+/// Plain HTTP without a proxy is connected by [`MayConnector`] alone; the rest goes through
+/// the whole chain (proxy, TCP, TLS). The chain's frames take about 9 KiB of stack on every
+/// new connection, and a page of a coroutine's stack once touched stays in its memory: with
+/// thousands of downloads at once, that is a quarter of each one's.
+#[derive(Debug)]
+struct Connectors<C>(C);
+
+impl<C> Connector<()> for Connectors<C>
+where
+    C: Connector<()>,
+{
+    type Out = Box<dyn Transport>;
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        chained: Option<()>,
+    ) -> Result<Option<Self::Out>, ureq::Error> {
+        let plain = details.uri.scheme() == Some(&ureq::http::uri::Scheme::HTTP)
+            && details.config.proxy().is_none();
+        match plain {
+            true => plain_connect(details),
+            false => chain_connect(&self.0, details, chained),
+        }
+    }
+}
+
+#[inline(never)]
+fn plain_connect(details: &ConnectionDetails) -> Result<Option<Box<dyn Transport>>, ureq::Error> {
+    let connected = Connector::<()>::connect(&MayConnector, details, None)?;
+    Ok(connected.map(|t| Box::new(t) as Box<dyn Transport>))
+}
+
+#[inline(never)]
+fn chain_connect<C: Connector<()>>(
+    chain: &C,
+    details: &ConnectionDetails,
+    chained: Option<()>,
+) -> Result<Option<Box<dyn Transport>>, ureq::Error> {
+    Ok(chain
+        .connect(details, chained)?
+        .map(|t| Box::new(t) as Box<dyn Transport>))
+}
+
 /// Opens `may::net::TcpStream`s, trying each resolved address in turn within the connect
 /// timeout.
 #[derive(Debug)]
@@ -233,6 +278,7 @@ impl<In: Transport> Connector<In> for MayConnector {
             buffers,
             read_timeout: None,
             write_timeout: None,
+            answered: false,
         })))
     }
 }
@@ -401,6 +447,8 @@ struct MayTransport {
     buffers: Elastic,
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
+    /// An answer was read since the connection was last asked whether it is open.
+    answered: bool,
 }
 
 impl fmt::Debug for MayTransport {
@@ -479,6 +527,7 @@ impl Transport for MayTransport {
             }
         };
         self.buffers.input_appended(amount);
+        self.answered = true;
         Ok(amount > 0)
     }
 
@@ -487,6 +536,12 @@ impl Transport for MayTransport {
     fn is_open(&mut self) -> bool {
         // Asked when the connection would be reused, so it is idle: its buffers go back.
         self.buffers.release();
+        // Asked first as the answer is done, to go back to the pool, and again when it is
+        // taken from there: peeking once, at the second, sees both a closed connection and
+        // bytes sent after the answer.
+        if std::mem::take(&mut self.answered) {
+            return true;
+        }
         let mut byte = [0u8; 1];
         match self.stream.inner().peek(&mut byte) {
             Err(e) => e.kind() == io::ErrorKind::WouldBlock,

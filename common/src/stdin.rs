@@ -40,21 +40,20 @@ pub struct Lines {
     rx: mpsc::Receiver<Vec<Result<String, LineError>>>,
     free: Arc<Semphore>,
     /// The rest of the batch last received, in reverse order.
-    batch: std::sync::Mutex<Vec<Result<String, LineError>>>,
+    batch: Vec<Result<String, LineError>>,
 }
 
 impl Lines {
     /// The next line, parking the coroutine (or thread) until one arrives.
-    pub fn recv(&self) -> Option<Result<String, LineError>> {
-        let mut batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(line) = batch.pop() {
+    pub fn recv(&mut self) -> Option<Result<String, LineError>> {
+        if let Some(line) = self.batch.pop() {
             return Some(line);
         }
         let mut next = self.rx.recv().ok()?;
         self.free.post();
         next.reverse();
         let line = next.pop();
-        *batch = next;
+        self.batch = next;
         line
     }
 }
@@ -163,13 +162,13 @@ pub fn read_lines_limited<R: Read + Send + 'static>(source: R, limit: usize) -> 
         return Lines {
             rx,
             free,
-            batch: Default::default(),
+            batch: Vec::new(),
         };
     }
     Lines {
         rx,
         free,
-        batch: Default::default(),
+        batch: Vec::new(),
     }
 }
 
@@ -196,6 +195,39 @@ mod tests {
                 "after",
                 "last without newline"
             ]
+        );
+    }
+
+    /// Lines are handed over in batches only as far as they were already read: a line typed
+    /// at a terminal (or written to a pipe that stays open) comes at once.
+    #[test]
+    fn a_line_comes_as_soon_as_it_is_read_and_a_long_input_whole() {
+        use std::io::Write;
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        let mut lines = read_lines(reader);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            while let Some(line) = lines.recv() {
+                if tx.send(line.unwrap()).is_err() {
+                    return;
+                }
+            }
+        });
+        let wait = std::time::Duration::from_secs(10);
+        writer.write_all(b"typed\n").unwrap();
+        assert_eq!(
+            rx.recv_timeout(wait).expect("a line waited for more"),
+            "typed"
+        );
+        let many: String = (0..10_000).map(|i| format!("line {i}\n")).collect();
+        writer.write_all(many.as_bytes()).unwrap();
+        writer.write_all(b"after\n").unwrap();
+        for i in 0..10_000 {
+            assert_eq!(rx.recv_timeout(wait).unwrap(), format!("line {i}"));
+        }
+        assert_eq!(
+            rx.recv_timeout(wait).expect("the last line waited"),
+            "after"
         );
     }
 

@@ -60,10 +60,16 @@ struct Underway {
     failure: Mutex<Option<String>>,
 }
 
+/// Connections a shard of the HTTP client keeps idle, about: the client scans its whole
+/// idle pool on every request, so thousands of downloads at once share several pools.
+const IDLE_PER_SHARD: usize = 64;
+
 /// What every download shares.
 pub struct Context {
     pub options: Options,
-    pub agent: ureq::Agent,
+    /// The HTTP client, in shards: a URL always goes to the same one (see
+    /// [`IDLE_PER_SHARD`]).
+    agents: Vec<ureq::Agent>,
     pub reporter: Reporter,
     pub shutdown: corokit_common::Shutdown,
     root: Dir,
@@ -74,6 +80,18 @@ pub struct Context {
     names: Mutex<HashMap<PathBuf, HashMap<String, String>>>,
     hosts: Mutex<HashMap<String, Slots>>,
     rate: Option<RateLimit>,
+}
+
+/// The client's shards: one per [`IDLE_PER_SHARD`] downloads at once (at most 64), each
+/// keeping its share of idle connections, with room for an uneven share.
+fn agents(options: &Options) -> Vec<ureq::Agent> {
+    let n = (options.jobs / IDLE_PER_SHARD).clamp(1, 64);
+    let mut http = options.http.clone();
+    if n > 1 {
+        http.max_idle = (http.max_idle * 3 / 2).div_ceil(n).max(16);
+        http.max_idle_per_host = (http.max_idle_per_host * 3 / 2).div_ceil(n).max(16);
+    }
+    (0..n).map(|_| http.agent()).collect()
 }
 
 /// Why a name could not be claimed.
@@ -94,7 +112,7 @@ impl Context {
         shutdown: corokit_common::Shutdown,
     ) -> Self {
         Context {
-            agent: options.http.agent(),
+            agents: agents(&options),
             rate: options.limit_rate.map(RateLimit::new),
             options,
             reporter,
@@ -105,6 +123,13 @@ impl Context {
             names: Mutex::new(HashMap::new()),
             hosts: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The client shard for `url`.
+    pub(crate) fn agent(&self, url: &str) -> &ureq::Agent {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let hash = BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(url);
+        &self.agents[(hash % self.agents.len() as u64) as usize]
     }
 
     /// Counts `n` bytes received and, under `--limit-rate`, waits until they are due.

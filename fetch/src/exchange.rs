@@ -231,12 +231,18 @@ pub fn get(
 ) -> Result<(Response<Body>, String), Failure> {
     let mut current = url.to_string();
     let mut seen: Vec<String> = Vec::new();
-    let home = origin(url);
-    let auth = basic_auth(ctx, home.as_ref().map(|(_, host, _)| host.as_str()));
+    // Parsed only when a login or a redirect needs it: most requests need neither.
+    let home = std::cell::OnceCell::new();
+    let home = || home.get_or_init(|| origin(url));
+    let o = &ctx.options;
+    let auth = match o.login.is_some() || !o.netrc.is_empty() {
+        true => basic_auth(ctx, home().as_ref().map(|(_, host, _)| host.as_str())),
+        false => None,
+    };
     loop {
         // The user's headers (tokens, API keys, cookies) and logins go only to the origin of
         // the URL in the list, never to another host a redirect names.
-        let own_headers = origin(&current) == home;
+        let own_headers = current == url || origin(&current) == *home();
         let auth = auth.as_deref().filter(|_| own_headers);
         let rsp = send(ctx, &current, ask, deadline, own_headers, auth)?;
         let status = rsp.status().as_u16();
@@ -307,7 +313,10 @@ fn send(
     }
     let mut resent = false;
     loop {
-        let mut req = ctx.agent.get(url).header("Accept-Encoding", "identity");
+        let mut req = ctx
+            .agent(url)
+            .get(url)
+            .header("Accept-Encoding", "identity");
         for (name, value) in headers {
             req = req.header(name.as_str(), value.as_str());
         }

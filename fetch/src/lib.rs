@@ -322,7 +322,7 @@ pub fn run(options: Options, list: Lines, shutdown: Shutdown) -> Result<Summary,
 }
 
 /// Parses the list's lines and gives each entry to the pool; then lets the pool finish.
-fn produce(ctx: &Context, pool: Pool, list: Lines, shutdown: &Shutdown) {
+fn produce(ctx: &Context, pool: Pool, mut list: Lines, shutdown: &Shutdown) {
     let mut parser = Parser::new();
     while !shutdown.is_requested() {
         let Some(line) = list.recv() else { break };

@@ -1231,3 +1231,33 @@ fn two_fetches_never_write_one_partial_file_at_once() {
     assert_eq!(first.wait().unwrap().code(), Some(0));
     assert!(std::fs::read(out.join("b.bin")).unwrap() == body);
 }
+
+/// Keep-alive: a connection that finished one download carries the next, also when many
+/// downloads at once share the client in shards, and after its buffers were given back.
+#[test]
+fn kept_alive_connections_carry_many_downloads() {
+    for (jobs, urls) in [(8usize, 200usize), (192, 800)] {
+        let server = files_server();
+        let dir = tempfile::tempdir().unwrap();
+        let list: String = (0..urls)
+            .map(|i| server.url(&format!("/f/{i}.bin\n")))
+            .collect();
+        let run = run_fetch(
+            dir.path(),
+            &list,
+            &["-j", &jobs.to_string(), "--per-host", "0"],
+        );
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        for i in [0, urls / 2, urls - 1] {
+            assert_eq!(
+                std::fs::read(out(dir.path(), &format!("{i}.bin"))).unwrap(),
+                content(i)
+            );
+        }
+        let opened = server.stats.connections();
+        assert!(
+            opened <= jobs * 3 / 2,
+            "{opened} connections for {urls} downloads at -j {jobs}"
+        );
+    }
+}

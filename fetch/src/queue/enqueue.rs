@@ -32,7 +32,7 @@ pub fn enqueue(
     redis: &mut Redis,
     keys: &Keys,
     list_id: Option<&str>,
-    list: Lines,
+    mut list: Lines,
     shutdown: &Shutdown,
     bad: &dyn Fn(&BadLine),
 ) -> Result<Enqueued, QueueError> {

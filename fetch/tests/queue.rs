@@ -40,11 +40,23 @@ impl RedisServer {
             dir,
             persistent,
         };
-        r.launch();
-        r
+        // The free port can be taken by another test before redis-server binds it: then it
+        // exits, and another port is tried.
+        for _ in 0..5 {
+            if r.try_launch() {
+                return r;
+            }
+            r.port = free_port();
+        }
+        panic!("redis-server did not start");
     }
 
+    /// Starts redis-server again on its port (after `stop`).
     fn launch(&mut self) {
+        assert!(self.try_launch(), "redis-server did not start again");
+    }
+
+    fn try_launch(&mut self) -> bool {
         let port = self.port.to_string();
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
@@ -62,9 +74,14 @@ impl RedisServer {
             .expect("redis-server is needed (Debian package redis-server; .ci/run installs it)");
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
+            if matches!(self.child.try_wait(), Ok(Some(_))) || Instant::now() > deadline {
+                return false;
+            }
             corokit_common::sleep(Duration::from_millis(20));
         }
+        // Ours, not another program that has the port: it is still running.
+        corokit_common::sleep(Duration::from_millis(50));
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     fn url(&self) -> String {
@@ -376,7 +393,12 @@ fn a_worker_carries_on_when_redis_restarts() {
         .arg(&list)
         .output()
         .unwrap();
-    assert_eq!(added.status.code(), Some(0));
+    assert_eq!(
+        added.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
     let out = dir.path().join("out");
     let w = worker(&redis, "r", &out, &["-j", "2", "--claim-after", "2"]);
     let deadline = Instant::now() + WAIT;

@@ -312,9 +312,9 @@ pub fn send_one(opts: &Options, to: &str, shot: &OneShot) -> anyhow::Result<Exit
     }
     let mut ipmsg_config = None;
     // Any free port unless one was asked for, so it works beside a running chat.
-    let socket = match (opts.port, shot.files.is_empty()) {
-        (None, false) => bind_serving(opts.bind.as_deref())?,
-        (port, _) => bind(opts.bind.as_deref(), port.unwrap_or(0))?,
+    let socket = match (opts.port.unwrap_or(0), shot.files.is_empty()) {
+        (0, false) => bind_serving(opts.bind.as_deref())?,
+        (port, _) => bind(opts.bind.as_deref(), port)?,
     };
     let mut ipmsg_socket = None;
     let mut port_held_elsewhere = false;
@@ -500,7 +500,11 @@ pub fn run(opts: &Options, session: Session) -> anyhow::Result<ExitCode> {
         true => Some(opts.ipmsg_config(encrypted)?),
         false => None,
     };
-    let socket = bind(opts.bind.as_deref(), opts.port.unwrap_or(7890))?;
+    // Port 0 (any): one whose TCP number is free too, to serve files from.
+    let socket = match opts.port.unwrap_or(7890) {
+        0 => bind_serving(opts.bind.as_deref())?,
+        port => bind(opts.bind.as_deref(), port)?,
+    };
     let port = socket.local_addr()?.port();
     // Without the IP Messenger port chat goes on: a notice says why, once.
     let mut ipmsg_notice = None;

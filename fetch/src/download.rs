@@ -916,12 +916,13 @@ fn attempt<'a>(
 }
 
 /// A new open file description of the file `file` is open on: its own offset, and none of
-/// the locks `file` holds.
+/// the locks `file` holds. Without `/proc`, a duplicate of `file` (which shares its lock).
 fn reopen(file: &File) -> io::Result<File> {
     use std::os::fd::AsRawFd;
     std::fs::OpenOptions::new()
         .write(true)
         .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .or_else(|_| file.try_clone())
 }
 
 /// One try of a download: the URL asked (the list's or a mirror), the file's deadline, and

@@ -65,7 +65,8 @@ pub struct Job {
 }
 
 /// Runs the connections until the file is whole (`Ok`), or the download ends otherwise.
-/// `save` records the ranges done: every [`SAVE_EVERY`], and once more at the end.
+/// `save` records the ranges done: every [`SAVE_EVERY`], and once more when the download
+/// ends before the file is whole.
 pub fn run(
     ctx: &Arc<Context>,
     job: Job,
@@ -168,11 +169,10 @@ pub fn run(
         s.close();
         s.done().to_vec()
     };
-    if result.is_ok() || done != recorded {
-        let saved = save(&done);
-        if result.is_ok() {
-            saved?;
-        }
+    // A file not whole keeps what was done for the next try; a whole one gets its complete
+    // state from the caller (syncing a large file here would only cost time).
+    if result.is_err() && done != recorded {
+        let _ = save(&done);
     }
     result
 }

@@ -288,6 +288,14 @@ pub fn chat_with_ipmsg(args: &[&str], env: &[(&str, &str)]) -> (Chat, u16) {
             .local_addr()
             .unwrap()
             .port();
+        // Files are served over TCP on the same number: it must be free there too (a
+        // client connection of another test may hold it).
+        let tcp_free = ["127.0.0.1", "127.0.0.2"]
+            .iter()
+            .all(|ip| std::net::TcpListener::bind((*ip, port)).is_ok());
+        if !tcp_free {
+            continue;
+        }
         let p = port.to_string();
         let mut all = vec!["--ipmsg-port", p.as_str()];
         all.extend_from_slice(args);

@@ -421,9 +421,8 @@ impl Node {
     }
 
     /// Offers `files` to `to` (see [`Core::send_offer`]): how it was sent, and the offer's
-    /// packet number.
-    /// Offers `files` to `to`. `made` is told the offer's packet number before its datagram
-    /// leaves: a quick peer may ask for the files before this returns.
+    /// packet number. `made` is told the number before the offer's datagram leaves: a quick
+    /// peer may ask for the files before this returns.
     pub fn send_offer(
         &self,
         to: SocketAddr,

@@ -584,6 +584,8 @@ fn a_directory_gets_its_name_only_whole_and_never_into_one_already_there() {
     let done = get(&mut ana, &o["id"], &into);
     assert_eq!(done["event"], "file_done", "{done}");
     assert_eq!(done["path"], into.join("tree.1").to_str().unwrap());
+    // Every byte of every file counted, also those that came with a header.
+    assert_eq!(done["fetched"], 71_000, "{done}");
     assert_eq!(tree(&into.join("tree.1")), tree(&src));
     assert_eq!(
         tree(&into.join("tree")),

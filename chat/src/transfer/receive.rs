@@ -596,6 +596,7 @@ pub fn receive_dir(f: &Fetch, dir: &Dir, top: String) -> Result<(String, u64), R
                 file.write_all(&pending[..take])?;
                 pending.drain(..take);
                 left -= take as u64;
+                got += take as u64;
                 while left > 0 {
                     let n = read_some(&mut *stream, &mut buf[..left.min(BLOCK as u64) as usize])?;
                     if n == 0 {

@@ -69,6 +69,12 @@ fn main() -> ExitCode {
             eprintln!("fetch: --queue needs --redis URL (or FETCH_REDIS)");
             return ExitCode::from(2);
         }
+        // What clap checks for --redis, checked for the URL from the environment too: a list
+        // beside a queue would be ignored without a word.
+        if !args.inputs.is_empty() || args.input_file.is_some() {
+            eprintln!("fetch: URLs and lists are not taken with a queue (--enqueue LIST adds one)");
+            return ExitCode::from(2);
+        }
     }
     corokit_common::init();
     // Only what downloads: --status and --enqueue need none of the download checks (the

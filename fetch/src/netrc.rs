@@ -35,9 +35,17 @@ pub fn parse(text: &str) -> Vec<Login> {
         match t.as_str() {
             "machine" | "default" => {
                 out.extend(current.take());
-                let machine = if t == "machine" { it.next() } else { None };
+                let machine = match t == "machine" {
+                    // A `machine` without a name (the file's last word) is no entry: never
+                    // the `default` that would go to every host.
+                    true => match it.next() {
+                        Some(m) => Some(m.to_ascii_lowercase()),
+                        None => continue,
+                    },
+                    false => None,
+                };
                 current = Some(Login {
-                    machine: machine.map(|m| m.to_ascii_lowercase()),
+                    machine,
                     login: String::new(),
                     password: String::new(),
                 });
@@ -87,5 +95,7 @@ mod tests {
         assert_eq!(find(&logins, "b.net").unwrap().login, "bob");
         assert_eq!(find(&logins, "evil.org").unwrap().login, "anonymous");
         assert!(find(&parse("machine a login b password c"), "z").is_none());
+        // A file that ends in `machine` has no login for every other host.
+        assert!(find(&parse("machine a login b password c\nmachine"), "z").is_none());
     }
 }

@@ -179,7 +179,16 @@ pub fn plan(state: Option<&State>, done: Option<u64>, part: Option<u64>) -> Plan
         };
     }
     if let Some(done) = &state.ranges {
+        // Spans in order, each within the file and not empty, as fetch records them: any
+        // other list was not written by fetch.
+        let sound = |want: u64| {
+            done.iter().all(|&[a, b]| a < b && b <= want)
+                && done.windows(2).all(|w| w[0][1] <= w[1][0])
+        };
         return match (part, state.length, state.validator()) {
+            (Some(len), Some(want), Some(_)) if len == want && !sound(want) => Plan::Fresh {
+                why: Some("the partial file's record of its ranges is not one fetch wrote"),
+            },
             (Some(len), Some(want), Some(v)) if len == want => Plan::Segments {
                 done: done.clone(),
                 validator: v.to_string(),
@@ -317,7 +326,10 @@ pub fn decide(ask: &Ask, record: Option<&State>, answer: &Answer<'_>) -> Decisio
                 last,
                 validator,
             },
-        ) => segment(*first, *last, validator, record, answer),
+        ) => match exact_range(*first, *last, validator, record, answer) {
+            Ok(()) => Decision::Segment,
+            Err(why) => Decision::StartOver(why),
+        },
         (200 | 416, Ask::Range { .. }) => Decision::StartOver(format!(
             "the server answered {} to a request for a range of the file",
             answer.status
@@ -376,21 +388,6 @@ fn continuation(
             length: total - offset,
             total,
         },
-        Err(why) => Decision::StartOver(why),
-    }
-}
-
-/// A 206 to `Range: bytes=FIRST-LAST`: written only if it is exactly that range, of the
-/// recorded version.
-fn segment(
-    first: u64,
-    last: u64,
-    validator: &str,
-    record: Option<&State>,
-    answer: &Answer<'_>,
-) -> Decision {
-    match exact_range(first, last, validator, record, answer) {
-        Ok(()) => Decision::Segment,
         Err(why) => Decision::StartOver(why),
     }
 }

@@ -102,8 +102,15 @@ impl RedisServer {
         read_reply(&mut r)
     }
 
+    /// An integer reply; a nil reply is 0, and anything else (an error) fails the test.
     fn int(&self, words: &[&str]) -> i64 {
-        self.cmd(words).trim().parse().unwrap_or(0)
+        let reply = self.cmd(words);
+        match reply.trim() {
+            "" => 0,
+            n => n
+                .parse()
+                .unwrap_or_else(|_| panic!("{words:?} answered {reply:?}")),
+        }
     }
 
     fn stop(&mut self) {
@@ -276,13 +283,16 @@ fn three_workers_one_killed_lose_nothing_and_record_each_entry_once() {
     victim.kill().unwrap();
     victim.wait().unwrap();
     let text = scrape(&metrics);
-    let ok: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("fetch_files_total{outcome=\"ok\"} "))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{text}"));
-    assert!(ok > 0, "{text}");
-    assert!(text.contains("fetch_queue_lag ") && text.contains("fetch_active_downloads "));
+    let metric = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    assert!(metric("fetch_files_total{outcome=\"ok\"}") > 0, "{text}");
+    // Present with a value (they are gauges: any value will do).
+    metric("fetch_queue_lag");
+    metric("fetch_active_downloads");
     for w in others {
         let (code, err) = finish(w);
         assert_eq!(code, 0, "{err}");
@@ -644,4 +654,21 @@ fn status_writes_nothing_and_a_checksum_from_the_queue_is_checked_like_a_lists()
     assert!(redis
         .cmd(&["XRANGE", "fetch:{c}:dead", "-", "+"])
         .contains("not fetch's"));
+}
+
+/// The queue's URL from the environment is held to what `--redis` is: a list given beside
+/// the queue is a usage error, not something ignored without a word.
+#[test]
+fn a_list_beside_a_queue_from_the_environment_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("urls.txt");
+    std::fs::write(&list, "http://127.0.0.1:9/a\n").unwrap();
+    let out = fetch_bin()
+        .env("FETCH_REDIS", "redis://127.0.0.1:9")
+        .args(["--queue", "q"])
+        .arg(&list)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not taken with a queue"));
 }

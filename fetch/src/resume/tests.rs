@@ -517,6 +517,25 @@ fn a_split_partial_file_continues_only_at_its_full_length_with_a_validator() {
             "{part:?}"
         );
     }
+    // A planted or torn list of ranges: backwards, past the end, overlapping, unordered.
+    for bad in [
+        vec![[5, 2]],
+        vec![[0, u64::MAX]],
+        vec![[0, 1001]],
+        vec![[0, 500], [400, 600]],
+        vec![[500, 600], [0, 100]],
+        vec![[7, 7]],
+    ] {
+        let mut planted = state.clone();
+        planted.ranges = Some(bad.clone());
+        assert!(
+            matches!(
+                plan(Some(&planted), None, Some(1000)),
+                Plan::Fresh { why: Some(_) }
+            ),
+            "{bad:?}"
+        );
+    }
     let mut weak = partial(Some("W/\"v1\""), None, Some(1000));
     weak.ranges = Some(Vec::new());
     assert!(matches!(

@@ -892,7 +892,6 @@ fn attempt<'a>(
             }
             claim.not_busy()?;
             claim.part_may_exist = true;
-            claim.part_may_exist = true;
             let mut file = files::create_part(claim.dir, &claim.part, &state)?;
             writing(&file, claim)?;
             claim.state = Some(state);

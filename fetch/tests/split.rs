@@ -45,7 +45,7 @@ fn a_split_download_uses_n_connections_and_fetches_each_range_once() {
     let server =
         Server::start(move |req| Response::file(req, &served, "\"v1\"", LM).rate(1024 * 1024));
     let dir = tempfile::tempdir().unwrap();
-    let sum = hex(&sha2::Sha256::digest(&data));
+    let sum = corokit_common::text::hex(&sha2::Sha256::digest(&data));
     let list = format!("{}\n  checksum=sha-256={sum}\n", server.url("/big.bin"));
     let run = run_fetch(dir.path(), &list, &["--split", "4", "-k", "256K"]);
     assert_eq!(run.code, 0, "{}", run.stderr);
@@ -294,10 +294,6 @@ fn what_a_stalled_connection_left_is_taken_by_another() {
         "{asked:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(100));
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A validator that cannot be kept whole in the state (an ETag over 1 KiB, or one whose

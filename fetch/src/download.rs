@@ -344,8 +344,12 @@ impl Started<'_> {
 
 impl Drop for Started<'_> {
     fn drop(&mut self) {
-        let mut underway = self.ctx.underway.lock().unwrap_or_else(|e| e.into_inner());
-        underway.remove(&self.key);
+        // The map's lock is let go before the waiting lines are woken: a worker thread is
+        // never held on it while coroutines are being scheduled.
+        {
+            let mut underway = self.ctx.underway.lock().unwrap_or_else(|e| e.into_inner());
+            underway.remove(&self.key);
+        }
         self.mark.done.fire();
     }
 }
@@ -370,9 +374,11 @@ struct Claim<'a> {
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        let mut claims = self.ctx.claims.lock().unwrap_or_else(|e| e.into_inner());
-        claims.remove(&self.dir.path(&self.name));
-        claims.remove(&self.dir.path(&self.part));
+        {
+            let mut claims = self.ctx.claims.lock().unwrap_or_else(|e| e.into_inner());
+            claims.remove(&self.dir.path(&self.name));
+            claims.remove(&self.dir.path(&self.part));
+        }
         self.released.fire();
     }
 }

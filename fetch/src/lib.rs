@@ -310,14 +310,9 @@ pub enum RunError {
 pub fn run(options: Options, list: Lines, shutdown: Shutdown) -> Result<Summary, RunError> {
     let ctx = context(options, shutdown.clone())?;
     let pool = Pool::start(&ctx, Arc::new(NoHooks))?;
-    // The list is read in a coroutine: handing an entry to a download coroutine, and being
-    // told a place is free, are then switches within the workers, not wake-ups of this
-    // thread.
-    let producer = {
-        let ctx = ctx.clone();
-        corokit_common::spawn(move || produce(&ctx, pool, list, &shutdown))?
-    };
-    let _ = producer.join();
+    // The list is read on this thread: entries reach the download coroutines in the list's
+    // order, so the first of several lines of one URL is the one that downloads it.
+    produce(&ctx, pool, list, &shutdown);
     Ok(ctx.reporter.finish())
 }
 

@@ -23,6 +23,7 @@ use crate::resume::{self, Answer, Ask, Decision, Plan, Record as StateRecord, St
 use crate::segmented::{self, STALLED};
 use crate::shown::Shown;
 use crate::split::{self, Segments, Span};
+use crate::turn::Turn;
 use crate::Options;
 
 /// Hosts whose `--per-host` slots are remembered before idle ones are forgotten.
@@ -461,10 +462,10 @@ impl RateLimit {
 }
 
 /// Downloads one entry, retrying as allowed, and says how it went.
-pub fn fetch(ctx: &Arc<Context>, entry: &Entry) -> Record {
+pub(crate) fn fetch(ctx: &Arc<Context>, entry: &Entry, mut turn: Turn) -> Record {
     let started = Instant::now();
     let mut record = Record::new(entry.line, &entry.urls[0]);
-    let result = run(ctx, entry, &mut record);
+    let result = run(ctx, entry, &mut record, &mut turn);
     record.elapsed = started.elapsed();
     match result {
         Ok(outcome) => record.outcome = outcome,
@@ -509,7 +510,14 @@ pub fn panicked(entry: &Entry, why: &str) -> Record {
     record
 }
 
-fn run(ctx: &Arc<Context>, entry: &Entry, record: &mut Record) -> Result<Outcome, Failure> {
+fn run(
+    ctx: &Arc<Context>,
+    entry: &Entry,
+    record: &mut Record,
+    turn: &mut Turn,
+) -> Result<Outcome, Failure> {
+    // Earlier entries mark their downloads and claim their names first.
+    turn.wait();
     let sub = entry_dir(ctx, entry)?;
     let dir = sub.as_ref().unwrap_or(&ctx.root);
     // The same URL on an earlier line: one download. Once it is done, this entry finds the
@@ -520,6 +528,7 @@ fn run(ctx: &Arc<Context>, entry: &Entry, record: &mut Record) -> Result<Outcome
             Ok(started) => break started,
             Err(first) => {
                 record.duplicate_of = Some(first.line);
+                turn.pass();
                 first.done.wait();
                 let failure = first
                     .failure
@@ -535,7 +544,7 @@ fn run(ctx: &Arc<Context>, entry: &Entry, record: &mut Record) -> Result<Outcome
             }
         }
     };
-    let result = run_started(ctx, entry, record, dir);
+    let result = run_started(ctx, entry, record, dir, turn);
     started.ended(&result);
     result
 }
@@ -546,6 +555,7 @@ fn run_started(
     entry: &Entry,
     record: &mut Record,
     dir: &Dir,
+    turn: &mut Turn,
 ) -> Result<Outcome, Failure> {
     let url = &entry.urls[0];
     // A URL saved under a number, or under the server's name, keeps that name.
@@ -578,10 +588,12 @@ fn run_started(
                 // The same URL on an earlier line: one download. Once it is done, this
                 // entry finds the file complete (or tries again if it failed).
                 record.duplicate_of = Some(line);
+                turn.pass();
                 released.wait();
             }
         }
     };
+    turn.pass();
     record.path = Some(dir.path(&claim.name));
     if claim.plan() == Plan::Skip {
         record.bytes = claim.size(&claim.name).unwrap_or(0);

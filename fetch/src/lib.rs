@@ -1,8 +1,8 @@
 //! `fetch`: downloads a list of URLs concurrently as coroutines, resumably and safely.
 //!
-//! A producer coroutine reads the list lazily into a bounded queue and `jobs` worker
-//! coroutines take the next entry when they are free, so memory does not grow with the
-//! length of the list. Each entry is downloaded by [`download::fetch`].
+//! The main thread reads the list lazily into a bounded queue and `jobs` worker coroutines
+//! take the next entry when they are free, so memory does not grow with the length of the
+//! list. Each entry is downloaded by [`download::fetch`], in its turn (see [`turn`]).
 
 pub mod checksum;
 pub mod cli;
@@ -18,6 +18,7 @@ pub mod resume;
 pub mod segmented;
 pub mod shown;
 pub mod split;
+mod turn;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -385,7 +386,9 @@ impl Hooks for NoHooks {
 pub(crate) struct Pool {
     // may's channels are unbounded: a semaphore of free places bounds the queue.
     free: Arc<Semphore>,
-    tx: mpmc::Sender<Option<Entry>>,
+    // Held while an entry is queued, so turns follow the queue's order.
+    turns: std::sync::Mutex<turn::Turns>,
+    tx: mpmc::Sender<Option<(Entry, turn::Turn)>>,
     workers: Vec<may::coroutine::JoinHandle<()>>,
 }
 
@@ -405,7 +408,7 @@ impl Pool {
                 hooks.clone(),
             );
             workers.push(corokit_common::spawn(move || {
-                while let Ok(Some(entry)) = rx.recv() {
+                while let Ok(Some((entry, turn))) = rx.recv() {
                     free.post();
                     let now = active.fetch_add(1, Ordering::Relaxed) + 1;
                     ctx.reporter.set_active(now);
@@ -413,7 +416,7 @@ impl Pool {
                     // instead of making the entry vanish with its worker.
                     let begun = hooks.begin(&entry);
                     let fetched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        download::fetch(&ctx, &entry)
+                        download::fetch(&ctx, &entry, turn)
                     }));
                     let record = fetched.unwrap_or_else(|panic| {
                         let why = panic
@@ -430,13 +433,18 @@ impl Pool {
                 }
             })?);
         }
-        Ok(Pool { free, tx, workers })
+        Ok(Pool {
+            free,
+            turns: std::sync::Mutex::new(turn::Turns::new()),
+            tx,
+            workers,
+        })
     }
 
     /// Waits for a free place, then queues `entry`.
     pub(crate) fn give(&self, entry: Entry) {
         self.free.wait();
-        let _ = self.tx.send(Some(entry));
+        self.put(entry);
     }
 
     /// Waits for a free place; then as many more as are free too, up to `most`: the number
@@ -452,7 +460,8 @@ impl Pool {
 
     /// Queues `entry` into a place taken by [`Pool::places`].
     pub(crate) fn put(&self, entry: Entry) {
-        let _ = self.tx.send(Some(entry));
+        let mut turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self.tx.send(Some((entry, turns.next())));
     }
 
     /// Gives back places taken by [`Pool::places`] and not used.

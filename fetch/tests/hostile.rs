@@ -858,6 +858,35 @@ fn a_rerun_finds_a_numbered_file_whatever_the_order_of_the_list() {
 }
 
 #[test]
+fn names_follow_the_lists_order_whichever_download_runs_first() {
+    // Sixty URLs with one name: line i gets the i-th name, on every run, however the
+    // download coroutines are scheduled over the worker threads.
+    let server = Server::start(|req| {
+        let i: usize = req.path[2..].split('/').next().unwrap().parse().unwrap();
+        Response::file(req, &content(i), "\"x\"", LM)
+    });
+    for round in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let list: String = (0..60)
+            .map(|i| server.url(&format!("/d{i}/f.bin\n")))
+            .collect();
+        let run = run_fetch(dir.path(), &list, &["-j", "60", "--per-host", "0"]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        for i in 0..60 {
+            let name = match i {
+                0 => "f.bin".to_string(),
+                i => format!("f.{i}.bin"),
+            };
+            assert!(
+                std::fs::read(out(dir.path(), &name)).unwrap() == content(i),
+                "round {round}: {name} is not line {}'s",
+                i + 1
+            );
+        }
+    }
+}
+
+#[test]
 #[ignore = "mounts a ramfs (a filesystem without xattrs): needs root"]
 fn without_xattrs_the_state_lives_beside_its_file_and_moves_with_it() {
     let dir = tempfile::tempdir().unwrap();

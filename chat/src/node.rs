@@ -67,6 +67,12 @@ impl Doorbell {
         }
     }
 
+    /// Rings even if a ring is pending: for a waiter that may have missed one.
+    fn force(&self) {
+        self.rung.store(true, Ordering::SeqCst);
+        let _ = self.tx.send(());
+    }
+
     /// Called by the waiter before it checks whether there is anything to do.
     fn answer(&self) {
         self.rung.store(false, Ordering::SeqCst);
@@ -117,6 +123,30 @@ pub struct Node {
 pub struct Events {
     node: Node,
     bell: mpsc::Receiver<()>,
+}
+
+/// How often the watchdog looks at the timer coroutine.
+const WATCH: Duration = Duration::from_secs(1);
+/// How far past its deadline the timer may be before the watchdog wakes it.
+const OVERDUE: Duration = Duration::from_millis(100);
+
+/// Wakes the timer coroutine when it sleeps past its deadline: may can lose the timeout of
+/// a timed wait (seen on a loaded machine: `recv_timeout` of 1 ms never returned), and with
+/// every datagram of a stream lost nothing else woke the timer, so retransmissions and pings
+/// stopped for good. This bounds such a loss to about a second.
+fn watch_timer(node: std::sync::Weak<Inner>) {
+    loop {
+        corokit_common::sleep(WATCH);
+        let Some(inner) = node.upgrade() else { return };
+        if inner.stopped.is_fired() {
+            return;
+        }
+        let now = Instant::now().saturating_duration_since(inner.origin);
+        let armed = Duration::from_nanos(inner.armed.load(Ordering::SeqCst));
+        if now > armed + OVERDUE {
+            inner.timer.force();
+        }
+    }
 }
 
 fn lock(m: &Mutex<Core>) -> MutexGuard<'_, Core> {
@@ -194,6 +224,9 @@ impl Node {
         }
         let keeper = node.clone();
         corokit_common::spawn(move || keeper.timer_loop(timer_rx)).map_err(io::Error::other)?;
+        // The watchdog holds the node weakly: a stopped node's sockets close at once.
+        let watched = Arc::downgrade(&node.inner);
+        corokit_common::spawn(move || watch_timer(watched)).map_err(io::Error::other)?;
         let events = Events {
             node: node.clone(),
             bell: events_rx,

@@ -235,11 +235,15 @@ impl Drop for Relay {
 
 #[test]
 fn a_lossy_network_delivers_every_message_once_in_order() {
-    // A short first wait, so that retransmissions take milliseconds, and the default tries:
-    // a peer that answers anything at all is never given up on.
-    let mut b = Chat::start(&["--name", "bob", "--ack-timeout", "20"]);
+    // A short first wait, so that retransmissions take milliseconds: a peer that answers
+    // anything at all is never given up on. Twelve tries allow 2.9 s of silence: with the
+    // default six (0.94 s at this wait), two busy loops on a two-core machine starved the
+    // exchange long enough for ana to report hundreds of lines not delivered, as she should
+    // for a peer that silent, which is not what this test is about.
+    let timing = ["--ack-timeout", "20", "--tries", "12"];
+    let mut b = Chat::start(&[&["--name", "bob"], &timing[..]].concat());
     // Ana needs her own address before the relay exists, so she starts with no peers.
-    let mut a = Chat::start(&["--name", "ana", "--ack-timeout", "20"]);
+    let mut a = Chat::start(&[&["--name", "ana"], &timing[..]].concat());
     let relay = Relay::start(a.addr, b.addr, 30);
     let relay_a = relay.for_a;
     // The handshake goes through the lossy relay too: greet until bob answers.

@@ -318,7 +318,7 @@ pub fn run(options: Options, list: Lines, shutdown: Shutdown) -> Result<Summary,
 }
 
 /// Parses the list's lines and gives each entry to the pool; then lets the pool finish.
-fn produce(ctx: &Context, pool: Pool, mut list: Lines, shutdown: &Shutdown) {
+fn produce(ctx: &Context, mut pool: Pool, mut list: Lines, shutdown: &Shutdown) {
     let mut parser = Parser::new();
     while !shutdown.is_requested() {
         let Some(line) = list.recv() else { break };
@@ -386,8 +386,8 @@ impl Hooks for NoHooks {
 pub(crate) struct Pool {
     // may's channels are unbounded: a semaphore of free places bounds the queue.
     free: Arc<Semphore>,
-    // Held while an entry is queued, so turns follow the queue's order.
-    turns: std::sync::Mutex<turn::Turns>,
+    /// The turns of a list's lines, handed out as they are queued.
+    turns: turn::Turns,
     tx: mpmc::Sender<Option<(Entry, turn::Turn)>>,
     workers: Vec<may::coroutine::JoinHandle<()>>,
 }
@@ -435,16 +435,17 @@ impl Pool {
         }
         Ok(Pool {
             free,
-            turns: std::sync::Mutex::new(turn::Turns::new()),
+            turns: turn::Turns::new(),
             tx,
             workers,
         })
     }
 
-    /// Waits for a free place, then queues `entry`.
-    pub(crate) fn give(&self, entry: Entry) {
+    /// Waits for a free place, then queues `entry`, a line of a list: lines take their names
+    /// in the list's order.
+    pub(crate) fn give(&mut self, entry: Entry) {
         self.free.wait();
-        self.put(entry);
+        let _ = self.tx.send(Some((entry, self.turns.next())));
     }
 
     /// Waits for a free place; then as many more as are free too, up to `most`: the number
@@ -459,9 +460,11 @@ impl Pool {
     }
 
     /// Queues `entry` into a place taken by [`Pool::places`].
+    /// A queue's entries keep no order (other workers take their neighbours), and one may
+    /// wait in [`Hooks::begin`] until another worker has written its file: in turns, it would
+    /// hold back every entry after it.
     pub(crate) fn put(&self, entry: Entry) {
-        let mut turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = self.tx.send(Some((entry, turns.next())));
+        let _ = self.tx.send(Some((entry, turn::Turn::unordered())));
     }
 
     /// Gives back places taken by [`Pool::places`] and not used.

@@ -37,6 +37,16 @@ pub(crate) struct Turn {
 }
 
 impl Turn {
+    /// A turn that is always due and holds no other back: for an entry with no order to keep.
+    pub(crate) fn unordered() -> Turn {
+        let due = SyncFlag::new();
+        due.fire();
+        Turn {
+            mine: Arc::new(due),
+            next: None,
+        }
+    }
+
     /// Waits until every earlier turn has been passed.
     pub(crate) fn wait(&self) {
         self.mine.wait();
@@ -106,5 +116,18 @@ mod tests {
         third.pass();
         third.pass();
         assert!(turns.next().mine.is_fired());
+    }
+
+    #[test]
+    fn an_unordered_turn_is_due_at_once_and_holds_no_one_back() {
+        let mut turns = Turns::new();
+        let mut first = turns.next();
+        let mut unordered = Turn::unordered();
+        unordered.wait();
+        unordered.pass();
+        let second = turns.next();
+        assert!(!second.mine.is_fired());
+        first.pass();
+        assert!(second.mine.is_fired());
     }
 }

@@ -672,3 +672,45 @@ fn a_list_beside_a_queue_from_the_environment_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not taken with a queue"));
 }
+
+#[test]
+fn an_entry_waiting_for_another_workers_file_holds_no_other_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(false);
+    let server = files_server();
+    let list = list_of(dir.path(), &server, 2);
+    let added = queue(&redis, "held")
+        .arg("--enqueue")
+        .arg(&list)
+        .output()
+        .unwrap();
+    assert_eq!(added.status.code(), Some(0));
+    // Another worker is writing the first entry's file (its lock, as fetch names it: the
+    // queue, then a hash of dir, out and URL).
+    let first = format!("\0\0{}", server.url("/f/0.bin"));
+    let hash = ring::digest::digest(&ring::digest::SHA256, first.as_bytes());
+    let key = format!(
+        "fetch:{{held}}:file:{}",
+        corokit_common::text::hex(&hash.as_ref()[..16])
+    );
+    assert_eq!(
+        redis.cmd(&["SET", &key, "another-worker", "PX", "60000"]),
+        "OK"
+    );
+    let out = dir.path().join("out");
+    let w = worker(&redis, "held", &out, &["-j", "2"]);
+    // The second entry is downloaded while the first waits for that worker.
+    let deadline = Instant::now() + WAIT;
+    while !out.join("1.bin").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the second entry waited for the first one's file"
+        );
+        corokit_common::sleep(Duration::from_millis(50));
+    }
+    assert!(!out.join("0.bin").exists());
+    redis.int(&["DEL", &key]);
+    let (code, err) = finish(w);
+    assert_eq!(code, 0, "{err}");
+    check_files(&out, 2);
+}

@@ -394,8 +394,8 @@ impl Claim<'_> {
 
     /// Bytes of the download in `.part`: its length, or what a split one has written.
     fn part_bytes(&self) -> Option<u64> {
-        match self.state.as_ref().and_then(|s| s.ranges.as_ref()) {
-            Some(done) => Some(done.iter().map(|s| s[1] - s[0]).sum()),
+        match self.state.as_ref().filter(|s| s.ranges.is_some()) {
+            Some(state) => state.recorded_bytes(),
             None => self.size(&self.part),
         }
     }
@@ -516,10 +516,10 @@ fn run(
     record: &mut Record,
     turn: &mut Turn,
 ) -> Result<Outcome, Failure> {
-    // Earlier entries mark their downloads and claim their names first.
-    turn.wait();
     let sub = entry_dir(ctx, entry)?;
     let dir = sub.as_ref().unwrap_or(&ctx.root);
+    // Earlier entries mark their downloads and claim their names first.
+    turn.wait();
     // The same URL on an earlier line: one download. Once it is done, this entry finds the
     // file complete under whatever name it got, or fails as it did.
     let key = (dir.path(""), entry.out.clone(), entry.urls[0].clone());
@@ -964,6 +964,11 @@ fn split_length(
     length: Option<u64>,
 ) -> Option<u64> {
     let total = length?;
+    let o = &ctx.options;
+    if o.split < 2 || claim.no_split || total <= SMALL_BODY || total < o.min_split.saturating_mul(2)
+    {
+        return None;
+    }
     let ranges = header(rsp, "Accept-Ranges")
         .is_some_and(|v| v.split(',').any(|u| u.trim().eq_ignore_ascii_case("bytes")));
     let validator = match (header(rsp, "ETag"), &state.etag) {
@@ -974,15 +979,7 @@ fn split_length(
     let mut longest = state.clone();
     longest.ranges = Some(vec![[u64::MAX; 2]; split::RECORDED]);
     let fits = resume::encode(&longest).len() <= MAX_SPLIT_STATE;
-    let o = &ctx.options;
-    (o.split > 1
-        && !claim.no_split
-        && ranges
-        && validator
-        && fits
-        && total > SMALL_BODY
-        && total >= o.min_split.saturating_mul(2))
-    .then_some(total)
+    (ranges && validator && fits).then_some(total)
 }
 
 /// Continues a split download from the ranges its `.part` records as done.

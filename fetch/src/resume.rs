@@ -80,6 +80,16 @@ impl State {
         key(self) == key(other)
     }
 
+    /// The bytes a split download's ranges say are written; `None` when there are no ranges
+    /// or they are not a list fetch could have written (spans in order, each within the
+    /// length and not empty): such a list was planted, and its sums could wrap.
+    pub fn recorded_bytes(&self) -> Option<u64> {
+        let (done, want) = (self.ranges.as_ref()?, self.length?);
+        let sound = done.iter().all(|&[a, b]| a < b && b <= want)
+            && done.windows(2).all(|w| w[0][1] <= w[1][0]);
+        sound.then(|| done.iter().map(|[a, b]| b - a).sum())
+    }
+
     /// The validator to send in `If-Range`: a strong ETag, else Last-Modified. A weak ETag
     /// cannot be used for ranges (RFC 9110 §13.1.5).
     pub fn validator(&self) -> Option<&str> {
@@ -179,16 +189,12 @@ pub fn plan(state: Option<&State>, done: Option<u64>, part: Option<u64>) -> Plan
         };
     }
     if let Some(done) = &state.ranges {
-        // Spans in order, each within the file and not empty, as fetch records them: any
-        // other list was not written by fetch.
-        let sound = |want: u64| {
-            done.iter().all(|&[a, b]| a < b && b <= want)
-                && done.windows(2).all(|w| w[0][1] <= w[1][0])
-        };
         return match (part, state.length, state.validator()) {
-            (Some(len), Some(want), Some(_)) if len == want && !sound(want) => Plan::Fresh {
-                why: Some("the partial file's record of its ranges is not one fetch wrote"),
-            },
+            (Some(len), Some(want), Some(_)) if len == want && state.recorded_bytes().is_none() => {
+                Plan::Fresh {
+                    why: Some("the partial file's record of its ranges is not one fetch wrote"),
+                }
+            }
             (Some(len), Some(want), Some(v)) if len == want => Plan::Segments {
                 done: done.clone(),
                 validator: v.to_string(),

@@ -618,3 +618,23 @@ fn a_split_download_never_assembles_two_versions() {
         }
     }
 }
+
+#[test]
+fn planted_ranges_count_no_bytes_and_never_wrap() {
+    let with = |ranges: Vec<[u64; 2]>| State {
+        length: Some(1000),
+        ranges: Some(ranges),
+        ..State::default()
+    };
+    assert_eq!(with(vec![[0, 100], [200, 250]]).recorded_bytes(), Some(150));
+    for planted in [
+        vec![[5, 2]],
+        vec![[0, u64::MAX]],
+        vec![[0, 600], [500, 1000]],
+        vec![[300, 400], [0, 100]],
+        vec![[10, 10]],
+    ] {
+        assert_eq!(with(planted.clone()).recorded_bytes(), None, "{planted:?}");
+    }
+    assert_eq!(State::default().recorded_bytes(), None);
+}

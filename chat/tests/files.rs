@@ -497,6 +497,61 @@ fn an_ipmsg_client_fetches_what_chat_offers() {
 }
 
 #[test]
+fn a_forged_ipmsg_release_never_ends_an_offer_made_over_sealed_chat() {
+    let dir = tempfile::tempdir().unwrap();
+    let into = dir.path().join("in");
+    let key = [("CHAT_KEY", "shared secret")];
+    // Keyed, and speaking IP Messenger too (--ipmsg).
+    let (mut bob, ipmsg_port) = chat_with_ipmsg(&["--name", "bob", "--ipmsg"], &key);
+    let to = bob.addr.to_string();
+    let mut ana = Chat::start_with(&["--name", "ana", "--to", &to], &key);
+    ana.joined(bob.addr);
+    bob.joined(ana.addr);
+    let path = make_file(dir.path(), "kept.bin", 100_000);
+    let o = offer(&mut ana, &mut bob, &path);
+    // The offer's number, as an attacker might learn it (it travels sealed).
+    bob.say("/files");
+    let listing = bob.wait_for("the listing", |v| {
+        v.as_str().is_some_and(|t| t.contains("(offer "))
+    });
+    let listing = listing.as_str().unwrap();
+    let hex = listing
+        .split("(offer ")
+        .nth(1)
+        .unwrap()
+        .split([')', ';'])
+        .next()
+        .unwrap();
+    let number = u64::from_str_radix(hex, 16).unwrap_or_else(|e| panic!("{listing:?}: {e}"));
+    // From ana's own host, an IP Messenger release of it (not authenticated), to bob's IP
+    // Messenger socket.
+    let bob_ipmsg = SocketAddr::from(([127, 0, 0, 1], ipmsg_port));
+    let forger = UdpSocket::bind("127.0.0.1:0").unwrap();
+    forger
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let release = format!("1:100:x:y:{}:{number}\0", mode::RELEASEFILES);
+    forger.send_to(release.as_bytes(), bob_ipmsg).unwrap();
+    // Handled in order: an entry sent after them is answered once they were.
+    let entry = format!("1:99:x:y:{}:x\0\0", mode::BR_ENTRY);
+    forger.send_to(entry.as_bytes(), bob_ipmsg).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let mut buf = [0u8; 65536];
+    loop {
+        assert!(Instant::now() < deadline, "bob never answered the entry");
+        if let Ok((n, _)) = forger.recv_from(&mut buf) {
+            if packet::parse(&buf[..n]).is_ok_and(|p| p.mode() == mode::ANSENTRY) {
+                break;
+            }
+        }
+    }
+    let done = get(&mut ana, &o["id"], &into);
+    assert_eq!(done["event"], "file_done", "{done}");
+    assert_eq!(sha256(&into.join("kept.bin")), sha256(&path));
+    assert!(!bob.seen.iter().any(|v| v["event"] == "file_declined"));
+}
+
+#[test]
 fn chat_send_file_exits_once_the_peer_has_it() {
     let dir = tempfile::tempdir().unwrap();
     let into = dir.path().join("in");

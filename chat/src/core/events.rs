@@ -70,8 +70,13 @@ pub enum Event {
         text: String,
         files: Vec<OfferedFile>,
     },
-    /// The peer will not take the files we offered under `packet`.
-    OfferDeclined { from: SocketAddr, packet: u64 },
+    /// The peer will not take the files we offered under `packet`; `via` is the socket it
+    /// said so on (an IP Messenger release is not authenticated, a chat peer's decline is).
+    OfferDeclined {
+        from: SocketAddr,
+        packet: u64,
+        via: super::Via,
+    },
     /// The peer no longer serves the files it offered under `packet`.
     OfferWithdrawn { from: SocketAddr, packet: u64 },
     /// An IP Messenger user went away or came back.

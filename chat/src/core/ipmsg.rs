@@ -649,8 +649,14 @@ impl Core {
             mode::RECVMSG => self.ipmsg_ack(now, from, &p),
             mode::RELEASEFILES => {
                 if let Some(packet) = p.names_number() {
-                    self.events
-                        .offer(from, Event::OfferDeclined { from, packet });
+                    self.events.offer(
+                        from,
+                        Event::OfferDeclined {
+                            from,
+                            packet,
+                            via: super::Via::Ipmsg,
+                        },
+                    );
                 }
             }
             mode::GETINFO | mode::GETABSENCEINFO => self.ipmsg_inform(now, from, p.mode()),

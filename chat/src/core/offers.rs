@@ -108,7 +108,11 @@ pub(super) fn chat_message(from: SocketAddr, nick: String, message: Vec<u8>) -> 
             text,
             files,
         },
-        Some(Ok(Control::Decline(packet))) => Event::OfferDeclined { from, packet },
+        Some(Ok(Control::Decline(packet))) => Event::OfferDeclined {
+            from,
+            packet,
+            via: super::Via::Chat,
+        },
         Some(Ok(Control::Withdraw(packet))) => Event::OfferWithdrawn { from, packet },
         Some(Err(why)) => {
             let notice = format!("ignored a malformed file offer from {from}: {why}");

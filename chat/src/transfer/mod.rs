@@ -12,7 +12,7 @@ pub mod serve;
 pub mod stream;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,8 +29,11 @@ use offer::{OfferedFile, DIRECTORY, REGULAR};
 use receive::{Asker, Fetch, ReceiveError};
 use serve::{SentOffer, SentOffers, Served, Server, MAX_SERVING, OFFER_LIFETIME};
 
-/// Offers received and kept (the oldest goes first).
+/// Offers received and kept (see [`to_forget`] for which go first).
 pub const MAX_RECEIVED: usize = 256;
+/// Offers received and kept from one host: a flood of offers from one host (IP Messenger's
+/// are not authenticated) pushes out only its own.
+pub const MAX_RECEIVED_PER_HOST: usize = 32;
 /// Files received at once.
 pub const MAX_RECEIVING: usize = 4;
 /// The first file id of an offer: its hex form has a letter, so a request that names it in
@@ -106,6 +109,38 @@ pub enum OfferError {
     NotServing(SocketAddr),
     #[error("{0}")]
     Send(#[from] SendError),
+}
+
+/// The offer received to forget before one more from `host` is kept, if one must go: while
+/// `host` has [`MAX_RECEIVED_PER_HOST`], its own oldest; else, once [`MAX_RECEIVED`] are kept,
+/// the oldest one already answered (received, failed, declined, withdrawn), or the oldest
+/// waiting one of the host that sent the most. An offer being received is never forgotten.
+fn to_forget(received: &BTreeMap<u32, ReceivedOffer>, host: IpAddr) -> Option<u32> {
+    let host = host.to_canonical();
+    let from = |o: &ReceivedOffer| o.from.ip().to_canonical();
+    // Ids only grow: the first of each is the oldest.
+    let oldest = |keep: &dyn Fn(&ReceivedOffer) -> bool| {
+        received
+            .iter()
+            .find(|(_, o)| o.state != OfferState::Receiving && keep(o))
+            .map(|(id, _)| *id)
+    };
+    if received.values().filter(|o| from(o) == host).count() >= MAX_RECEIVED_PER_HOST {
+        return oldest(&|o| from(o) == host);
+    }
+    if received.len() < MAX_RECEIVED {
+        return None;
+    }
+    let answered = |o: &ReceivedOffer| !matches!(o.state, OfferState::Waiting);
+    if let Some(id) = oldest(&answered) {
+        return Some(id);
+    }
+    let mut counts: BTreeMap<IpAddr, usize> = BTreeMap::new();
+    for o in received.values() {
+        *counts.entry(from(o)).or_default() += 1;
+    }
+    let most = *counts.values().max()?;
+    oldest(&|o| counts[&from(o)] == most)
 }
 
 /// The state of an offer received.
@@ -318,9 +353,8 @@ impl Transfers {
                     *next
                 };
                 let mut received = lock(&self.0.received);
-                // Ids only grow: the first is the oldest.
-                if received.len() >= MAX_RECEIVED {
-                    received.pop_first();
+                if let Some(old) = to_forget(&received, from.ip()) {
+                    received.remove(&old);
                 }
                 // Only a chat peer's checksum is believed: an IPMsg user could name another
                 // sender's file by it and have its partial copy taken for its own.
@@ -351,11 +385,12 @@ impl Transfers {
                 });
                 true
             }
-            Event::OfferDeclined { from, packet } => {
-                // Only a host the offer went to may decline it.
+            Event::OfferDeclined { from, packet, via } => {
+                // Only a host the offer went to may decline it, the way it went: a forged
+                // IP Messenger release must not end an offer made over sealed chat.
                 let ours = {
                     let mut sent = lock(&self.0.sent);
-                    sent.offered_to(*packet, from.ip()) && sent.remove(*packet).is_some()
+                    sent.offered_to(*packet, from.ip(), *via) && sent.remove(*packet).is_some()
                 };
                 if ours {
                     (self.0.happen)(Happening::Declined {
@@ -368,7 +403,12 @@ impl Transfers {
             Event::OfferWithdrawn { from, packet } => {
                 let mut withdrawn = Vec::new();
                 for (id, o) in lock(&self.0.received).iter_mut() {
-                    if o.from == *from && o.packet == *packet && o.state == OfferState::Waiting {
+                    // Only a chat peer withdraws (IP Messenger has no word for it).
+                    if o.from == *from
+                        && o.packet == *packet
+                        && o.protocol == Protocol::Chat
+                        && o.state == OfferState::Waiting
+                    {
                         o.state = OfferState::Withdrawn;
                         withdrawn.push(*id);
                     }
@@ -600,4 +640,76 @@ fn sha256_of(path: &Path) -> std::io::Result<[u8; 32]> {
         ctx.update(&buf[..n]);
     }
     Ok(ctx.finish().as_ref().try_into().expect("32 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(host: [u8; 4], state: OfferState) -> ReceivedOffer {
+        ReceivedOffer {
+            from: SocketAddr::from((host, 2425)),
+            nick: None,
+            protocol: Protocol::Ipmsg {
+                unauthenticated: false,
+            },
+            packet: 1,
+            files: Vec::new(),
+            at: Instant::now(),
+            state,
+        }
+    }
+
+    /// What `offers` (host, state) leave once each is received in turn.
+    fn receive(offers: impl IntoIterator<Item = ([u8; 4], OfferState)>) -> Vec<ReceivedOffer> {
+        let mut received = BTreeMap::new();
+        for (id, (host, state)) in (1u32..).zip(offers) {
+            if let Some(old) = to_forget(&received, IpAddr::from(host)) {
+                received.remove(&old);
+            }
+            received.insert(id, offer(host, state));
+        }
+        received.into_values().collect()
+    }
+
+    #[test]
+    fn a_flood_of_offers_from_one_host_never_pushes_out_anothers() {
+        let real = ([10, 0, 0, 1], OfferState::Waiting);
+        let flood = std::iter::repeat_n(([10, 0, 0, 66], OfferState::Waiting), 10_000);
+        let kept = receive(std::iter::once(real).chain(flood));
+        assert_eq!(kept[0].from.ip(), IpAddr::from([10, 0, 0, 1]));
+        assert_eq!(kept.len(), 1 + MAX_RECEIVED_PER_HOST);
+    }
+
+    #[test]
+    fn many_hosts_keep_the_newest_and_answered_offers_go_first() {
+        // 300 hosts, one offer each: the bound holds, and the oldest went.
+        let kept = receive((0..300u32).map(|i| (i.to_be_bytes(), OfferState::Waiting)));
+        assert_eq!(kept.len(), MAX_RECEIVED);
+        assert_eq!(kept[0].from.ip(), IpAddr::from(44u32.to_be_bytes()));
+        // Full with offers from many hosts, the first of them already received: that one goes
+        // before any waiting one, and one being received is never forgotten.
+        let mut offers = vec![
+            ([9, 9, 9, 9], OfferState::Receiving),
+            ([9, 9, 9, 8], OfferState::Done),
+        ];
+        offers.extend((0..MAX_RECEIVED as u32 - 2).map(|i| (i.to_be_bytes(), OfferState::Waiting)));
+        offers.push(([7, 7, 7, 7], OfferState::Waiting));
+        let kept = receive(offers);
+        assert_eq!(kept.len(), MAX_RECEIVED);
+        assert_eq!(kept[0].state, OfferState::Receiving);
+        assert!(kept.iter().all(|o| o.state != OfferState::Done));
+        // Then the busiest host's oldest waiting offer goes.
+        let mut offers: Vec<_> = (0..MAX_RECEIVED as u32 - 3)
+            .map(|i| (i.to_be_bytes(), OfferState::Waiting))
+            .collect();
+        offers.extend([([8, 8, 8, 8], OfferState::Waiting); 3]);
+        offers.push(([7, 7, 7, 7], OfferState::Waiting));
+        let kept = receive(offers);
+        let busiest = kept
+            .iter()
+            .filter(|o| o.from.ip() == IpAddr::from([8, 8, 8, 8]))
+            .count();
+        assert_eq!((kept.len(), busiest), (MAX_RECEIVED, 2));
+    }
 }

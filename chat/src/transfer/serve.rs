@@ -103,11 +103,11 @@ impl SentOffers {
             .any(|o| o.via == via && o.hosts.contains(&host))
     }
 
-    /// Whether `host` is one an offer went to: only they may decline it.
-    pub fn offered_to(&self, packet: u64, host: IpAddr) -> bool {
+    /// Whether `host` is one an offer went to, through `via`: only they may decline it.
+    pub fn offered_to(&self, packet: u64, host: IpAddr, via: Via) -> bool {
         self.offers
             .get(&packet)
-            .is_some_and(|o| o.hosts.contains(&host.to_canonical()))
+            .is_some_and(|o| o.via == via && o.hosts.contains(&host.to_canonical()))
     }
 
     /// The file a request names, if `host` may have it now.

@@ -61,15 +61,15 @@ struct Underway {
     failure: Mutex<Option<String>>,
 }
 
-/// Connections a shard of the HTTP client keeps idle, about: the client scans its whole
-/// idle pool on every request, so thousands of downloads at once share several pools.
-const IDLE_PER_SHARD: usize = 64;
+/// Downloads at once per shard of the HTTP client, about: the client scans its whole idle
+/// pool on every request (comparing keys), so many downloads at once share several pools.
+const IDLE_PER_SHARD: usize = 16;
 
 /// What every download shares.
 pub struct Context {
     pub options: Options,
-    /// The HTTP client, in shards: a URL always goes to the same one (see
-    /// [`IDLE_PER_SHARD`]).
+    /// The HTTP client, in shards: a pool's coroutine always uses the same one (see
+    /// [`keep_shard`] and [`IDLE_PER_SHARD`]).
     agents: Vec<ureq::Agent>,
     pub reporter: Reporter,
     pub shutdown: corokit_common::Shutdown,
@@ -81,6 +81,16 @@ pub struct Context {
     names: Mutex<HashMap<PathBuf, HashMap<String, String>>>,
     hosts: Mutex<HashMap<String, Slots>>,
     rate: Option<RateLimit>,
+}
+
+may::coroutine_local!(static SHARD: std::cell::Cell<Option<usize>> = std::cell::Cell::new(None));
+
+/// Makes the current coroutine (the `n`th of a pool) use one client shard for all its
+/// requests: the connection a download leaves idle is in the shard its next download looks
+/// in. (Chosen by URL, a shard could lack an idle connection while another had more than it
+/// keeps: a fifth more connections were made than there were downloads at once.)
+pub(crate) fn keep_shard(n: usize) {
+    SHARD.with(|s| s.set(Some(n)));
 }
 
 /// The client's shards: one per [`IDLE_PER_SHARD`] downloads at once (at most 64), each
@@ -126,11 +136,14 @@ impl Context {
         }
     }
 
-    /// The client shard for `url`.
+    /// The client shard of this coroutine (see [`keep_shard`]), else the one for `url`.
     pub(crate) fn agent(&self, url: &str) -> &ureq::Agent {
-        use std::hash::{BuildHasher, BuildHasherDefault};
-        let hash = BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(url);
-        &self.agents[(hash % self.agents.len() as u64) as usize]
+        let n = self.agents.len();
+        let shard = SHARD.with(|s| s.get()).unwrap_or_else(|| {
+            use std::hash::{BuildHasher, BuildHasherDefault};
+            BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(url) as usize
+        });
+        &self.agents[shard % n]
     }
 
     /// Counts `n` bytes received and, under `--limit-rate`, waits until they are due.

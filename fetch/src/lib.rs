@@ -454,7 +454,7 @@ impl Pool {
         let (tx, rx) = mpmc::channel();
         let active = Arc::new(AtomicUsize::new(0));
         let mut workers = Vec::with_capacity(jobs);
-        for _ in 0..jobs {
+        for n in 0..jobs {
             let (ctx, rx, free, active, hooks) = (
                 ctx.clone(),
                 rx.clone(),
@@ -463,6 +463,7 @@ impl Pool {
                 hooks.clone(),
             );
             workers.push(corokit_common::spawn(move || {
+                download::keep_shard(n);
                 while let Ok(Some((entry, turn))) = rx.recv() {
                     free.taken();
                     let now = active.fetch_add(1, Ordering::Relaxed) + 1;

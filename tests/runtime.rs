@@ -120,6 +120,35 @@ fn https_with_a_test_ca_in_a_coroutine() {
     );
 }
 
+/// Agents made together (fetch's client shards) share one TLS client: a connection one of
+/// them makes resumes a session another started, instead of a full handshake.
+#[test]
+fn agents_made_together_resume_each_others_tls_sessions() {
+    one_worker();
+    let cert = TestCert::new();
+    let server = Server::start_tls(&cert, |_| Response::ok("hello"));
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &cert.cert_pem).unwrap();
+    let mut options = HttpOptions::default();
+    options.add_roots_from_pem_file(&ca).unwrap();
+    let agents = options.agents(3);
+    let url = server.url("/");
+    let answers = spawn(move || {
+        agents
+            .iter()
+            .map(|a| body_of(a, &url).unwrap())
+            .collect::<Vec<_>>()
+    })
+    .unwrap()
+    .join()
+    .unwrap();
+    assert!(answers.iter().all(|a| *a == (200, "hello".to_string())));
+    // A connection each (their idle pools are their own), and one full handshake.
+    assert_eq!(server.stats.connections(), 3);
+    assert_eq!(server.stats.resumed(), 2);
+}
+
 #[test]
 fn a_ca_file_without_certificates_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();

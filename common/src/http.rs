@@ -3,7 +3,8 @@
 //!
 //! The connector chain is CONNECT proxy (from `HTTP(S)_PROXY` / `NO_PROXY`) → may TCP →
 //! rustls (webpki roots plus any extra roots). Names are resolved by [`Dns`] on the offload
-//! pool. Every ureq `Agent` in the workspace comes from [`HttpOptions::agent`].
+//! pool. Every ureq `Agent` in the workspace comes from [`HttpOptions::agent`] (or
+//! [`HttpOptions::agents`], several that share one TLS client).
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -102,6 +103,13 @@ impl HttpOptions {
     /// Builds the agent. Responses with an error status are returned, not turned into errors:
     /// the caller decides what a 404 or a 429 means.
     pub fn agent(&self) -> Agent {
+        self.agents(1).pop().expect("one agent")
+    }
+
+    /// Builds `n` agents alike (each with its own pool of idle connections) that share one
+    /// TLS client: its configuration, whose root store is built once, and its sessions, so a
+    /// connection any of them makes to a server resumes a session another one started.
+    pub fn agents(&self, n: usize) -> Vec<Agent> {
         let roots = if self.extra_roots.is_empty() {
             RootCerts::WebPki
         } else {
@@ -128,18 +136,23 @@ impl HttpOptions {
             .proxy(self.proxy.clone())
             .tls_config(TlsConfig::builder().root_certs(roots).build())
             .build();
-        let connector = Connectors(
-            ().chain(ConnectProxyConnector::default())
-                .chain(MayConnector)
-                .chain(RustlsConnector::default()),
-        );
-        Agent::with_parts(
-            config,
-            connector,
-            MayResolver {
-                dns: self.dns.clone(),
-            },
-        )
+        let tls = SharedTls(Arc::new(RustlsConnector::default()));
+        (0..n)
+            .map(|_| {
+                let connector = Connectors(
+                    ().chain(ConnectProxyConnector::default())
+                        .chain(MayConnector)
+                        .chain(tls.clone()),
+                );
+                Agent::with_parts(
+                    config.clone(),
+                    connector,
+                    MayResolver {
+                        dns: self.dns.clone(),
+                    },
+                )
+            })
+            .collect()
     }
 }
 
@@ -243,6 +256,23 @@ fn chain_connect<C: Connector<()>>(
     Ok(chain
         .connect(details, chained)?
         .map(|t| Box::new(t) as Box<dyn Transport>))
+}
+
+/// One rustls connector for several agents: it builds its client configuration on first use
+/// and keeps it, session cache included.
+#[derive(Debug, Clone)]
+struct SharedTls(Arc<RustlsConnector>);
+
+impl<In: Transport> Connector<In> for SharedTls {
+    type Out = <RustlsConnector as Connector<In>>::Out;
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        chained: Option<In>,
+    ) -> Result<Option<Self::Out>, ureq::Error> {
+        self.0.connect(details, chained)
+    }
 }
 
 /// Opens `may::net::TcpStream`s, trying each resolved address in turn within the connect

@@ -102,7 +102,7 @@ fn agents(options: &Options) -> Vec<ureq::Agent> {
         http.max_idle = (http.max_idle * 3 / 2).div_ceil(n).max(16);
         http.max_idle_per_host = (http.max_idle_per_host * 3 / 2).div_ceil(n).max(16);
     }
-    (0..n).map(|_| http.agent()).collect()
+    http.agents(n)
 }
 
 /// Why a name could not be claimed.

@@ -178,6 +178,8 @@ type Handler = dyn Fn(&Request) -> Response + Send + Sync;
 pub struct Stats {
     pub requests: AtomicUsize,
     pub connections: AtomicUsize,
+    /// TLS connections whose handshake resumed an earlier session.
+    pub resumed: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
     log: Mutex<Vec<Request>>,
@@ -195,6 +197,10 @@ impl Stats {
 
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+
+    pub fn resumed(&self) -> usize {
+        self.resumed.load(Ordering::SeqCst)
     }
 
     /// Every request seen so far, in arrival order.
@@ -304,7 +310,16 @@ impl Server {
                             let Ok(session) = rustls::ServerConnection::new(config) else {
                                 return;
                             };
-                            serve(rustls::StreamOwned::new(session, conn), &*handler, &stats)
+                            let mut tls = rustls::StreamOwned::new(session, conn);
+                            while tls.conn.is_handshaking() {
+                                if tls.conn.complete_io(&mut tls.sock).is_err() {
+                                    return;
+                                }
+                            }
+                            if tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                                stats.resumed.fetch_add(1, Ordering::SeqCst);
+                            }
+                            serve(tls, &*handler, &stats)
                         }
                     });
                 }

@@ -984,11 +984,11 @@ fn split_length(
     }
     let ranges = header(rsp, "Accept-Ranges")
         .is_some_and(|v| v.split(',').any(|u| u.trim().eq_ignore_ascii_case("bytes")));
-    let validator = match (header(rsp, "ETag"), &state.etag) {
-        (Some(_), Some(kept)) => !kept.starts_with("W/"),
-        (Some(_), None) => false,
-        (None, _) => state.last_modified.is_some(),
-    };
+    // Each range carries the validator a resume would send (`State::validator`), so a file
+    // is split when its download could be continued; but not by the date of an answer whose
+    // ETag was too long to keep: the ranges' answers, carrying it, could never be matched.
+    let validator =
+        state.validator().is_some() && (state.etag.is_some() || header(rsp, "ETag").is_none());
     let mut longest = state.clone();
     longest.ranges = Some(vec![[u64::MAX; 2]; split::RECORDED]);
     let fits = resume::encode(&longest).len() <= MAX_SPLIT_STATE;

@@ -90,12 +90,14 @@ impl State {
         sound.then(|| done.iter().map(|[a, b]| b - a).sum())
     }
 
-    /// The validator to send in `If-Range`: a strong ETag, else Last-Modified. A weak ETag
-    /// cannot be used for ranges (RFC 9110 §13.1.5).
+    /// The validator to send in `If-Range`: a strong ETag, else Last-Modified from a server
+    /// that gave no ETag. A weak ETag cannot be used for ranges, and a client that has one
+    /// must not send a date instead (RFC 9110 §13.1.5): the server only promised the two
+    /// copies mean the same, not that their bytes are.
     pub fn validator(&self) -> Option<&str> {
         match (&self.etag, &self.last_modified) {
             (Some(e), _) if !e.starts_with("W/") => Some(e),
-            (_, Some(lm)) => Some(lm),
+            (None, Some(lm)) => Some(lm),
             _ => None,
         }
     }

@@ -85,6 +85,31 @@ fn a_split_download_uses_n_connections_and_fetches_each_range_once() {
     assert!(!out(dir.path(), "big.bin").exists());
 }
 
+/// A weak ETag is no validator for ranges, and beside it a Last-Modified is none either
+/// (RFC 9110 §13.1.5): the file comes whole over one connection, as a resume would start
+/// over.
+#[test]
+fn a_weak_etag_is_never_split_even_beside_a_last_modified() {
+    let data = body(2 * MIB, 5);
+    let served = data.clone();
+    let server = Server::start(move |req| {
+        let mut rsp = Response::file(req, &served, "W/\"v1\"", LM).rate(1024 * 1024);
+        if req.path == "/weak-only.bin" {
+            rsp.headers.retain(|(name, _)| name != "Last-Modified");
+        }
+        rsp
+    });
+    for name in ["weak.bin", "weak-only.bin"] {
+        let dir = tempfile::tempdir().unwrap();
+        let before = server.stats.requests();
+        let list = format!("{}\n", server.url(&format!("/{name}")));
+        let run = run_fetch(dir.path(), &list, &["--split", "4", "-k", "256K"]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        assert!(std::fs::read(out(dir.path(), name)).unwrap() == data);
+        assert_eq!(server.stats.requests() - before, 1, "{name}");
+    }
+}
+
 #[test]
 fn split_connections_are_counted_against_per_host() {
     let data = body(MIB, 2);

@@ -42,6 +42,8 @@ pub struct Options {
     pub ipmsg_encoding: Option<String>,
     /// `--downloads`: where received files go without a directory given.
     pub downloads: Option<PathBuf>,
+    /// `--min-free`: what received files leave free on their disk.
+    pub min_free: Option<u64>,
 }
 
 /// Whether to speak IP Messenger.
@@ -413,7 +415,7 @@ fn send_files(
             user: std::env::var("USER").unwrap_or_else(|_| "user".into()),
             host: hostname(),
         },
-        PathBuf::from("."),
+        (PathBuf::from("."), None),
         sink,
     );
     if let Some(notice) = sharing::serve(&transfers, served_from, via, sealed) {
@@ -623,7 +625,10 @@ pub fn run(opts: &Options, session: Session) -> anyhow::Result<ExitCode> {
             user: std::env::var("USER").unwrap_or_else(|_| "user".into()),
             host: hostname(),
         },
-        opts.downloads.clone().unwrap_or_else(|| PathBuf::from(".")),
+        (
+            opts.downloads.clone().unwrap_or_else(|| PathBuf::from(".")),
+            opts.min_free,
+        ),
         sharing::sink(out.clone(), session.json),
     );
     let mut notices: Vec<String> = ipmsg_notice.into_iter().collect();

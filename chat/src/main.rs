@@ -89,6 +89,10 @@ struct Common {
     /// Where /get saves files when no directory is given [default: the current directory].
     #[arg(long, value_name = "DIR")]
     downloads: Option<PathBuf>,
+    /// Space a received file must leave free on its disk (K, M, G, T) [default: 5% of the
+    /// disk, at most 1G].
+    #[arg(long, value_name = "SIZE", value_parser = corokit_common::size::parse)]
+    min_free: Option<u64>,
 }
 
 impl Common {
@@ -109,6 +113,7 @@ impl Common {
             group: self.group.clone(),
             ipmsg_encoding: self.ipmsg_encoding.clone(),
             downloads: self.downloads.clone(),
+            min_free: self.min_free,
         }
     }
 }

@@ -620,6 +620,38 @@ fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// A received file must leave `--min-free` on its disk (a directory offered over IP
+/// Messenger says nothing of its size, and its sender could stream until the disk is full):
+/// a file that would not is refused before any of it is written, in a directory too.
+#[test]
+fn received_files_leave_the_space_asked_free_on_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let into = dir.path().join("in");
+    let src = dir.path().join("tree");
+    std::fs::create_dir_all(&src).unwrap();
+    make_file(&src, "a", 1000);
+    let path = make_file(dir.path(), "one.bin", 100_000);
+    let (mut ana, mut bob) = pair(&["--min-free", "1000T"], &[]);
+    for offered in [&path, &src] {
+        let o = offer(&mut ana, &mut bob, offered);
+        let failed = get(&mut ana, &o["id"], &into);
+        assert_eq!(failed["event"], "file_failed", "{failed}");
+        let why = failed["error"].as_str().unwrap();
+        assert!(why.contains("--min-free"), "{why}");
+    }
+    let mut left: Vec<String> = std::fs::read_dir(&into)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    // The directory's own `.part`, empty; nothing else, and nothing under a final name.
+    assert_eq!(left, ["tree.part"]);
+    assert_eq!(
+        std::fs::read_dir(into.join("tree.part")).unwrap().count(),
+        0
+    );
+}
+
 #[test]
 fn a_directory_gets_its_name_only_whole_and_never_into_one_already_there() {
     use corokit_chat::transfer::offer::{write_dir_header, DIRECTORY, REGULAR, RETURN_TO_PARENT};

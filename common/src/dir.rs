@@ -206,6 +206,16 @@ impl Dir {
         Ok(dir)
     }
 
+    /// The space on this directory's filesystem: the bytes a user without privileges may
+    /// still write, and the filesystem's size.
+    pub fn space(&self) -> io::Result<(u64, u64)> {
+        let s = rustix::fs::fstatvfs(&self.fd).map_err(io_err)?;
+        Ok((
+            s.f_bavail.saturating_mul(s.f_frsize),
+            s.f_blocks.saturating_mul(s.f_frsize),
+        ))
+    }
+
     /// The path of `name`, for messages and the report.
     pub fn path(&self, name: &str) -> PathBuf {
         self.path.join(name)

@@ -15,6 +15,7 @@ pub mod output;
 pub mod rate;
 pub mod runtime;
 pub mod shutdown;
+pub mod size;
 pub mod stdin;
 pub mod text;
 

@@ -259,32 +259,15 @@ pub struct Logins {
 }
 
 /// A size or rate argument (`--limit-rate`, `--min-split-size`): a number of bytes with an
-/// optional K, M or G (powers of 1024), more than zero.
+/// optional K, M, G or T (powers of 1024), more than zero.
 pub fn size_arg(flag: &str, text: &str) -> Result<u64, RunError> {
-    let t = text.trim();
-    let usage = || {
-        RunError::Usage(format!(
-            "{flag} {text:?}: use a number with an optional K, M or G"
-        ))
-    };
-    let (digits, unit) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c.to_ascii_uppercase()),
-        _ => (t, 'B'),
-    };
-    let factor: u64 = match unit {
-        'B' => 1,
-        'K' => 1024,
-        'M' => 1024 * 1024,
-        'G' => 1024 * 1024 * 1024,
-        _ => return Err(usage()),
-    };
-    let n: f64 = digits.parse().map_err(|_| usage())?;
-    if n.is_nan() || n <= 0.0 {
-        return Err(RunError::Usage(format!(
+    match corokit_common::size::parse(text) {
+        Ok(0) => Err(RunError::Usage(format!(
             "{flag} {text:?} must be more than zero"
-        )));
+        ))),
+        Ok(n) => Ok(n),
+        Err(why) => Err(RunError::Usage(format!("{flag} {why}"))),
     }
-    Ok((n * factor as f64) as u64)
 }
 
 /// Why a run could not start.

@@ -183,6 +183,8 @@ struct Inner {
     key: Option<Key>,
     asker: Asker,
     downloads: PathBuf,
+    /// `--min-free`.
+    min_free: Option<u64>,
     sent: Arc<Mutex<SentOffers>>,
     received: Mutex<BTreeMap<u32, ReceivedOffer>>,
     next_id: Mutex<u32>,
@@ -216,12 +218,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Transfers {
-    /// `downloads`: where `/get` saves without a directory given.
+    /// `downloads`: where `/get` saves without a directory given; `min_free`: what received
+    /// files leave free on their disk (see [`receive::keep_free`]).
     pub fn new(
         node: Node,
         key: Option<Key>,
         asker: Asker,
-        downloads: PathBuf,
+        (downloads, min_free): (PathBuf, Option<u64>),
         happen: Sink,
     ) -> Self {
         Transfers(Arc::new(Inner {
@@ -229,6 +232,7 @@ impl Transfers {
             key,
             asker,
             downloads,
+            min_free,
             sent: Arc::new(Mutex::new(SentOffers::default())),
             received: Mutex::new(BTreeMap::new()),
             next_id: Mutex::new(0),
@@ -525,6 +529,7 @@ impl Transfers {
             key,
             asker: &self.0.asker,
             honours_offset: offer.protocol == Protocol::Chat,
+            min_free: self.0.min_free,
             progress: &progress,
         };
         let result = self

@@ -65,6 +65,11 @@ pub enum ReceiveError {
          /get it again"
     )]
     Ambiguous,
+    #[error(
+        "{need} more bytes would leave less than {keep} free on the disk ({free} free); \
+         --min-free sets what received files leave"
+    )]
+    NoRoom { need: u64, free: u64, keep: u64 },
     #[error(transparent)]
     File(#[from] FileError),
     #[error("{0}")]
@@ -242,7 +247,28 @@ pub struct Fetch<'a> {
     pub asker: &'a Asker,
     /// A chat peer serves from the offset it is asked; an IP Messenger client may not.
     pub honours_offset: bool,
+    /// `--min-free`: what received files must leave free on their disk (else see
+    /// [`keep_free`]).
+    pub min_free: Option<u64>,
     pub progress: &'a dyn Fn(u64),
+}
+
+/// Bytes a received file must leave free on a filesystem of `size` bytes: `min_free` when
+/// given, else a twentieth of it, at most 1 GiB. A directory offered over IP Messenger says
+/// nothing of its size, and its sender can stream without end: this keeps it from filling
+/// the disk.
+pub fn keep_free(size: u64, min_free: Option<u64>) -> u64 {
+    min_free.unwrap_or((size / 20).min(1 << 30))
+}
+
+/// Whether `need` more bytes fit in `dir` and leave what must stay free there.
+fn room(f: &Fetch, dir: &Dir, need: u64) -> Result<(), ReceiveError> {
+    let (free, size) = dir.space()?;
+    let keep = keep_free(size, f.min_free);
+    if need > free || free - need < keep {
+        return Err(ReceiveError::NoRoom { need, free, keep });
+    }
+    Ok(())
 }
 
 /// Receives a regular file into `dir` under `name` (from [`start`]): the file's name when
@@ -254,6 +280,7 @@ pub fn receive_file(f: &Fetch, dir: &Dir, start: Start) -> Result<(String, u64),
         Start::Fresh { name } => (name, 0),
         Start::Resume { name, offset } => (name, offset),
     };
+    room(f, dir, want.size.saturating_sub(offset))?;
     let part = format!("{name}.part");
     let mut file = if offset == 0 {
         let encoded = want.encode();
@@ -589,6 +616,7 @@ pub fn receive_dir(f: &Fetch, dir: &Dir, top: String) -> Result<(String, u64), R
                 let first = numbers.get(&key).map_or(0, |n| n + 1);
                 let (name, n) = free_name_from(here, &safe, &|_| false, first)?;
                 numbers.insert(key, n);
+                room(f, here, entry.size)?;
                 let part = format!("{name}.part");
                 let mut file = here.create_with_state(&part, &want.encode(), &|_| false)?;
                 let mut left = entry.size;
@@ -625,6 +653,16 @@ pub fn receive_dir(f: &Fetch, dir: &Dir, top: String) -> Result<(String, u64), R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn received_files_leave_a_twentieth_of_the_disk_at_most_a_gib_unless_told() {
+        const G: u64 = 1 << 30;
+        assert_eq!(keep_free(252 * G, None), G);
+        assert_eq!(keep_free(4 * G, None), 4 * G / 20);
+        assert_eq!(keep_free(0, None), 0);
+        assert_eq!(keep_free(252 * G, Some(0)), 0);
+        assert_eq!(keep_free(G, Some(5 * G)), 5 * G);
+    }
 
     fn want(size: u64) -> PartState {
         PartState {

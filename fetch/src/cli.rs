@@ -58,7 +58,7 @@ pub struct Args {
     #[arg(short = 's', long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16))]
     pub split: u32,
     /// No segment smaller than this (aria2's -k): a file is split only if it is at least
-    /// twice as large. K, M and G suffixes (powers of 1024).
+    /// twice as large. K, M, G and T suffixes (powers of 1024).
     #[arg(short = 'k', long, default_value = "1M", value_name = "SIZE")]
     pub min_split_size: String,
     /// Tries after the first on connect errors, timeouts, 5xx, 408 and 429.
@@ -89,7 +89,7 @@ pub struct Args {
     /// The User-Agent header.
     #[arg(long)]
     pub user_agent: Option<String>,
-    /// Total download rate limit in bytes per second; K, M and G suffixes (powers of 1024).
+    /// Total download rate limit in bytes per second; K, M, G and T suffixes (powers of 1024).
     #[arg(long, value_name = "RATE")]
     pub limit_rate: Option<String>,
     /// Save under the file name the server suggests in Content-Disposition (made safe).

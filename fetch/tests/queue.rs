@@ -379,6 +379,16 @@ fn poison_entries_go_to_the_dead_letters() {
     ));
     assert_eq!(code, 0, "{err}");
     assert_eq!(counts(&redis, "p"), (1, 0, 5));
+    // The worker that buried them says so, and why.
+    let said: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("moved to fetch:{p}:dead"))
+        .collect();
+    assert_eq!(said.len(), 5, "{err}");
+    assert!(
+        said.iter().any(|l| l.contains("delivered 5 times")),
+        "{err}"
+    );
     assert!(out.join("2.bin").exists());
     assert!(!out.join("1.bin").exists(), "a dead entry was downloaded");
     let dead = redis.cmd(&["XRANGE", "fetch:{p}:dead", "-", "+"]);

@@ -20,7 +20,8 @@ use redis::Value;
 
 use super::{Keys, QueueError, Redis, Target, BURY, GROUP, RECORD};
 use crate::input::Entry;
-use crate::report::{Outcome, Record, Summary};
+use crate::report::{Outcome, Record, Reporter, Summary};
+use crate::shown::Shown;
 use crate::{context, Options, Pool, RunError};
 
 /// How a worker shares the queue.
@@ -214,7 +215,15 @@ pub fn work(
             let got = !entries.is_empty();
             let mut ready = Vec::with_capacity(entries.len());
             for (id, fields) in entries {
-                ready.extend(take(&mut redis, &keys, &me, &pool, id, fields)?);
+                ready.extend(take(
+                    &mut redis,
+                    &keys,
+                    &me,
+                    &pool,
+                    id,
+                    fields,
+                    &ctx.reporter,
+                )?);
             }
             hooks.lock_all(&mut redis, &ready)?;
             for e in ready {
@@ -225,7 +234,7 @@ pub fn work(
                 continue;
             }
             last_reap = Instant::now();
-            let pending = reap(&mut redis, &keys, &me, &how, &pool, &held)?;
+            let pending = reap(&mut redis, &keys, &me, &how, &pool, &held, &ctx.reporter)?;
             if !got && !how.follow && pending == 0 && lock(&held).is_empty() {
                 return Ok(());
             }
@@ -606,6 +615,7 @@ fn take(
     pool: &Pool,
     id: String,
     fields: Vec<(String, Vec<u8>)>,
+    reporter: &Reporter,
 ) -> Result<Option<Entry>, QueueError> {
     let parsed = fields
         .iter()
@@ -638,21 +648,23 @@ fn take(
         }
         Err(why) => {
             pool.unused(1);
-            bury(redis, keys, me, &id, 0, &why)?;
+            bury(redis, keys, (me, reporter), &id, 0, &why)?;
             Ok(None)
         }
     }
 }
 
+/// Moves entry `id` to the dead letters with `why`, and says so, unless another worker took
+/// it meanwhile.
 fn bury(
     redis: &mut Redis,
     keys: &Keys,
-    me: &str,
+    (me, reporter): (&str, &Reporter),
     id: &str,
     min_idle: u128,
     why: &str,
 ) -> Result<(), QueueError> {
-    redis.call(
+    let buried = redis.call(
         redis::cmd("EVAL")
             .arg(BURY)
             .arg(4)
@@ -665,6 +677,13 @@ fn bury(
             .arg(min_idle as u64)
             .arg(why),
     )?;
+    if buried == Value::Int(1) {
+        reporter.warn(&format!(
+            "queue entry {} moved to {}: {why}",
+            Shown(id),
+            keys.dead
+        ));
+    }
     Ok(())
 }
 
@@ -678,6 +697,7 @@ fn reap(
     how: &WorkOptions,
     pool: &Pool,
     held: &Mutex<BTreeSet<String>>,
+    reporter: &Reporter,
 ) -> Result<u64, QueueError> {
     let idle = how.claim_after.as_millis() as u64;
     let stale = redis.call(
@@ -707,7 +727,7 @@ fn reap(
             let why = format!(
                 "delivered {deliveries} times and never finished (its workers died or lost Redis with it)"
             );
-            bury(redis, keys, me, &id, idle as u128, &why)?;
+            bury(redis, keys, (me, reporter), &id, idle as u128, &why)?;
             continue;
         }
         pool.places(1);
@@ -722,7 +742,7 @@ fn reap(
         let mut entries = claimed_entries(claimed);
         match entries.pop() {
             Some((id, fields)) => {
-                if let Some(e) = take(redis, keys, me, pool, id, fields)? {
+                if let Some(e) = take(redis, keys, me, pool, id, fields, reporter)? {
                     lock(held).extend(e.queue_id.clone());
                     pool.put(e);
                 }

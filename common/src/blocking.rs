@@ -1,6 +1,7 @@
 //! The one place where calls that block an OS thread are made: a small pool of OS threads
 //! runs them while the calling coroutine waits on a may channel, and host-name lookups
-//! (`getaddrinfo`) go through that pool with a timeout and a cache.
+//! (`getaddrinfo`) go through that pool with a timeout and a cache. Waits for the disk
+//! ([`sync_data`]) have threads of their own, so a slow disk never holds up a lookup.
 //!
 //! This is the only module allowed to call the methods `clippy.toml` bans elsewhere.
 #![allow(clippy::disallowed_methods)]
@@ -19,22 +20,23 @@ type Job = Box<dyn FnOnce() + Send>;
 /// Threads in the offload pool: enough for a few slow lookups at once, few enough to cost
 /// nothing when idle.
 const POOL_THREADS: usize = 4;
+/// Threads that wait for the disk ([`sync_data`]).
+const DISK_THREADS: usize = 2;
 
 struct OffloadPool {
     jobs: Mutex<mpsc::Sender<Job>>,
 }
 
-fn pool() -> &'static OffloadPool {
-    static POOL: OnceLock<OffloadPool> = OnceLock::new();
-    POOL.get_or_init(|| {
+impl OffloadPool {
+    fn start(name: &str, threads: usize) -> OffloadPool {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
-        for i in 0..POOL_THREADS {
+        for i in 0..threads {
             let rx = rx.clone();
             // A pool that cannot start a thread has fewer threads; with none, jobs wait
             // forever and callers see their timeout, which names the problem.
             let _ = std::thread::Builder::new()
-                .name(format!("corokit-blocking-{i}"))
+                .name(format!("corokit-{name}-{i}"))
                 .spawn(move || loop {
                     let job = match rx.lock() {
                         Ok(rx) => rx.recv(),
@@ -49,7 +51,39 @@ fn pool() -> &'static OffloadPool {
         OffloadPool {
             jobs: Mutex::new(tx),
         }
-    })
+    }
+
+    /// Runs `f` on one of the pool's threads; see [`offload`].
+    fn run<T, F>(&self, timeout: Duration, f: F) -> Result<T, Error>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let (tx, rx) = may::sync::mpsc::channel();
+        let job: Job = Box::new(move || {
+            let result = catch_unwind(AssertUnwindSafe(f));
+            let _ = tx.send(result);
+        });
+        // The lock only guards a non-blocking send, so it is held for microseconds.
+        if let Ok(jobs) = self.jobs.lock() {
+            let _ = jobs.send(job);
+        }
+        match rx.recv_timeout(crate::wait_limit(timeout)) {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(_)) => Err(Error::OffloadPanicked),
+            Err(_) => Err(Error::OffloadTimeout(timeout)),
+        }
+    }
+}
+
+fn pool() -> &'static OffloadPool {
+    static POOL: OnceLock<OffloadPool> = OnceLock::new();
+    POOL.get_or_init(|| OffloadPool::start("blocking", POOL_THREADS))
+}
+
+fn disk() -> &'static OffloadPool {
+    static DISK: OnceLock<OffloadPool> = OnceLock::new();
+    DISK.get_or_init(|| OffloadPool::start("disk", DISK_THREADS))
 }
 
 /// Runs a blocking call `f` on the offload pool and parks the calling coroutine (not its
@@ -61,20 +95,17 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    let (tx, rx) = may::sync::mpsc::channel();
-    let job: Job = Box::new(move || {
-        let result = catch_unwind(AssertUnwindSafe(f));
-        let _ = tx.send(result);
-    });
-    // The lock only guards a non-blocking send, so it is held for microseconds.
-    if let Ok(jobs) = pool().jobs.lock() {
-        let _ = jobs.send(job);
-    }
-    match rx.recv_timeout(crate::wait_limit(timeout)) {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(_)) => Err(Error::OffloadPanicked),
-        Err(_) => Err(Error::OffloadTimeout(timeout)),
-    }
+    pool().run(timeout, f)
+}
+
+/// Flushes `file`'s data to the disk (`fdatasync`) on the disk's own threads while the
+/// calling coroutine waits, at most `limit` (the flush goes on after that; its result is
+/// dropped). Give it a descriptor of its own: one shared with a lock would hold the lock
+/// for as long as the flush takes.
+pub fn sync_data(file: std::fs::File, limit: Duration) -> io::Result<()> {
+    disk()
+        .run(limit, move || file.sync_data())
+        .unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
 /// How a host name becomes addresses. The system's `getaddrinfo` by default; tests plug in

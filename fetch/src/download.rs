@@ -1041,12 +1041,12 @@ fn run_split(
     let result = {
         let mut save = |done: &[Span]| {
             // The bytes before the record that says they are there: after a crash, a
-            // range recorded as done is on disk, not a hole. A sync can take seconds: it
-            // waits on the offload pool, not on this coroutine's worker.
+            // range recorded as done is on disk, not a hole. A sync can take seconds: it is
+            // waited for off this coroutine's worker, through a description of its own (the
+            // `.part`'s lock stays with this download's).
             let path = claim.dir.path(&claim.part);
-            let syncing = file.try_clone().map_err(disk("writing", &path))?;
-            corokit_common::offload(SYNC_LIMIT, move || syncing.sync_data())
-                .map_err(|e| disk("writing", &path)(io::Error::other(e)))?
+            let syncing = reopen(&file).map_err(disk("writing", &path))?;
+            corokit_common::blocking::sync_data(syncing, SYNC_LIMIT)
                 .map_err(disk("writing", &path))?;
             state.ranges = Some(split::recorded(done));
             files::set_state(claim.dir, &file, &claim.part, &state).map_err(Failure::from)
@@ -1167,7 +1167,7 @@ fn writing(file: &File, claim: &Claim<'_>) -> Result<(), Failure> {
 
 /// Longest a split download waits for its `.part` to reach the disk before it records more
 /// ranges done; past it, the disk counts as failing.
-const SYNC_LIMIT: Duration = Duration::from_secs(120);
+const SYNC_LIMIT: Duration = Duration::from_secs(600);
 
 fn disk(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Failure {
     let path = path.to_path_buf();

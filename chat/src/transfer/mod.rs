@@ -139,7 +139,12 @@ fn to_forget(received: &BTreeMap<u32, ReceivedOffer>, host: IpAddr) -> Option<u3
     for o in received.values() {
         *counts.entry(from(o)).or_default() += 1;
     }
-    let most = *counts.values().max()?;
+    // Of the hosts with an offer that may go: one being received may not.
+    let most = received
+        .values()
+        .filter(|o| o.state != OfferState::Receiving)
+        .map(|o| counts[&from(o)])
+        .max()?;
     oldest(&|o| counts[&from(o)] == most)
 }
 
@@ -716,5 +721,18 @@ mod tests {
             .filter(|o| o.from.ip() == IpAddr::from([8, 8, 8, 8]))
             .count();
         assert_eq!((kept.len(), busiest), (MAX_RECEIVED, 2));
+        // The host that sent the most has only offers being received: the next busiest's
+        // oldest goes, and the bound holds.
+        let mut offers = vec![([6, 6, 6, 6], OfferState::Receiving); 4];
+        offers.extend((0..MAX_RECEIVED as u32 - 4).map(|i| (i.to_be_bytes(), OfferState::Waiting)));
+        offers.extend((0..10u32).map(|i| ((i + 1000).to_be_bytes(), OfferState::Waiting)));
+        let kept = receive(offers);
+        assert_eq!(kept.len(), MAX_RECEIVED);
+        assert_eq!(
+            kept.iter()
+                .filter(|o| o.state == OfferState::Receiving)
+                .count(),
+            4
+        );
     }
 }

@@ -280,7 +280,13 @@ pub fn receive_file(f: &Fetch, dir: &Dir, start: Start) -> Result<(String, u64),
         Start::Fresh { name } => (name, 0),
         Start::Resume { name, offset } => (name, offset),
     };
-    room(f, dir, want.size.saturating_sub(offset))?;
+    // A sender that ignores the offset may send the whole file again, into a scratch file
+    // beside the `.part` (see `either_way`).
+    let need = match offset > 0 && !f.honours_offset {
+        true => want.size,
+        false => want.size.saturating_sub(offset),
+    };
+    room(f, dir, need)?;
     let part = format!("{name}.part");
     let mut file = if offset == 0 {
         let encoded = want.encode();

@@ -1,30 +1,43 @@
 //! Turns: the downloads of a run take their names in the order their entries were given,
 //! whichever coroutine or worker thread happens to run first, so which line gets `f.bin` and
 //! which gets `f.1.bin`, or which of two copies of a URL downloads it, never depends on timing.
+//!
+//! A turn is a number and a shared count of the turns passed: a flag to wait on is made only
+//! for a turn that has to wait (most find theirs due), so a queue of thousands of entries
+//! costs no more than their numbers.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use may::sync::SyncFlag;
 
+#[derive(Default)]
+struct Passed {
+    /// Turns passed so far, in order: the turn with this number is due.
+    count: u64,
+    /// The flag of a turn waiting to come, by its number.
+    waiting: HashMap<u64, Arc<SyncFlag>>,
+}
+
 /// Hands out turns in order: each one follows the one handed out before it.
 pub(crate) struct Turns {
-    last: Arc<SyncFlag>,
+    passed: Arc<Mutex<Passed>>,
+    next: u64,
 }
 
 impl Turns {
     pub(crate) fn new() -> Turns {
-        let first = Arc::new(SyncFlag::new());
-        first.fire();
-        Turns { last: first }
+        Turns {
+            passed: Arc::default(),
+            next: 0,
+        }
     }
 
     /// The turn after every turn handed out so far.
     pub(crate) fn next(&mut self) -> Turn {
-        let next = Arc::new(SyncFlag::new());
-        let mine = std::mem::replace(&mut self.last, next.clone());
+        self.next += 1;
         Turn {
-            mine,
-            next: Some(next),
+            order: Some((self.next - 1, self.passed.clone())),
         }
     }
 }
@@ -32,31 +45,57 @@ impl Turns {
 /// One entry's turn: it comes when every earlier turn has been passed, and is passed at the
 /// latest when it is dropped (a failure or a panic cannot hold the later entries back).
 pub(crate) struct Turn {
-    mine: Arc<SyncFlag>,
-    next: Option<Arc<SyncFlag>>,
+    /// Its number and the run's count; none once passed, or for an unordered turn.
+    order: Option<(u64, Arc<Mutex<Passed>>)>,
+}
+
+fn lock(passed: &Mutex<Passed>) -> std::sync::MutexGuard<'_, Passed> {
+    passed.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Turn {
     /// A turn that is always due and holds no other back: for an entry with no order to keep.
     pub(crate) fn unordered() -> Turn {
-        let due = SyncFlag::new();
-        due.fire();
-        Turn {
-            mine: Arc::new(due),
-            next: None,
-        }
+        Turn { order: None }
+    }
+
+    /// Whether every earlier turn has been passed.
+    #[cfg(test)]
+    fn is_due(&self) -> bool {
+        self.order
+            .as_ref()
+            .is_none_or(|(n, passed)| lock(passed).count >= *n)
     }
 
     /// Waits until every earlier turn has been passed.
     pub(crate) fn wait(&self) {
-        self.mine.wait();
+        let Some((n, passed)) = &self.order else {
+            return;
+        };
+        let flag = {
+            let mut p = lock(passed);
+            if p.count >= *n {
+                return;
+            }
+            p.waiting.entry(*n).or_default().clone()
+        };
+        flag.wait();
     }
 
     /// Lets the next turn come (once this one has); passing twice is passing once.
     pub(crate) fn pass(&mut self) {
-        if let Some(next) = self.next.take() {
-            self.mine.wait();
-            next.fire();
+        self.wait();
+        let Some((n, passed)) = self.order.take() else {
+            return;
+        };
+        let next = {
+            let mut p = lock(&passed);
+            p.count = n + 1;
+            p.waiting.remove(&(n + 1))
+        };
+        // Woken with the lock let go: the woken turn takes it at once.
+        if let Some(flag) = next {
+            flag.fire();
         }
     }
 }
@@ -103,19 +142,18 @@ mod tests {
         let mut first = turns.next();
         let second = turns.next();
         let mut third = turns.next();
-        assert!(first.mine.is_fired());
-        assert!(!second.mine.is_fired());
+        assert!(first.is_due());
+        assert!(!second.is_due());
         // The second, dropped while it waits, passes only once the first has.
         let dropped = std::thread::spawn(move || drop(second));
-        assert!(!third
-            .mine
-            .wait_timeout(std::time::Duration::from_millis(20)));
+        std::thread::yield_now();
+        assert!(!third.is_due());
         first.pass();
         dropped.join().unwrap();
-        assert!(third.mine.is_fired());
+        assert!(third.is_due());
         third.pass();
         third.pass();
-        assert!(turns.next().mine.is_fired());
+        assert!(turns.next().is_due());
     }
 
     #[test]
@@ -126,8 +164,8 @@ mod tests {
         unordered.wait();
         unordered.pass();
         let second = turns.next();
-        assert!(!second.mine.is_fired());
+        assert!(!second.is_due());
         first.pass();
-        assert!(second.mine.is_fired());
+        assert!(second.is_due());
     }
 }

@@ -9,6 +9,7 @@
 pub mod blocking;
 pub mod dir;
 mod error;
+pub mod flag;
 pub mod http;
 pub mod names;
 pub mod output;

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::checksum::{Algo, Checksum, Hasher};
+use corokit_common::flag::Flag;
 use corokit_common::{Slot, Slots, TokenBucket};
-use may::sync::SyncFlag;
 
 use crate::exchange::{self, Failure};
 use crate::files::{self, Dir, FileError, Kind};
@@ -45,7 +45,7 @@ const START_OVERS: u32 = 3;
 struct Claimant {
     url: String,
     line: usize,
-    released: Arc<SyncFlag>,
+    released: Arc<Flag>,
 }
 
 /// What makes two lines one download: the directory, the `out=` name and the URL. A later
@@ -55,7 +55,7 @@ type UnderwayKey = (PathBuf, Option<String>, String);
 /// A download under way, as the lines waiting for it see it.
 struct Underway {
     line: usize,
-    done: SyncFlag,
+    done: Flag,
     /// How it failed, once it has: the lines waiting fail the same way, without trying
     /// again what it tried.
     failure: Mutex<Option<String>>,
@@ -110,7 +110,7 @@ enum NotClaimed {
     /// The same URL is being saved there by an earlier line: wait for it.
     Duplicate {
         line: usize,
-        released: Arc<SyncFlag>,
+        released: Arc<Flag>,
     },
     Failed(Failure),
 }
@@ -227,7 +227,7 @@ impl Context {
         }
         let mark = Arc::new(Underway {
             line,
-            done: SyncFlag::new(),
+            done: Flag::new(),
             failure: Mutex::new(None),
         });
         underway.insert(key.clone(), mark.clone());
@@ -305,7 +305,7 @@ impl Context {
             // A download in progress (even over an older complete copy) goes by the partial
             // file's state; else the complete file's.
             let state = part_state.or(done_state);
-            let released = Arc::new(SyncFlag::new());
+            let released = Arc::new(Flag::new());
             let claimant = || Claimant {
                 url: url.to_string(),
                 line,
@@ -377,7 +377,7 @@ struct Claim<'a> {
     name: String,
     part: String,
     state: Option<State>,
-    released: Arc<SyncFlag>,
+    released: Arc<Flag>,
     /// `-N`: ask for the file only if the server's copy is newer than this HTTP date.
     if_newer: Option<String>,
     /// One connection only: a split download of this file had to start over.

@@ -562,11 +562,23 @@ fn sigterm_stops_cleanly_and_keeps_partial_files() {
 }
 
 fn stops_cleanly_on(signal: &str) {
+    use std::os::unix::process::CommandExt;
     let server = Server::start(|req| Response::file(req, &vec![3u8; 2_000_000], "\"big\"", LM));
     let dir = tempfile::tempdir().unwrap();
     let list: String = (0..4).map(|i| server.url(&format!("/big{i}\n"))).collect();
     std::fs::write(dir.path().join("urls.txt"), &list).unwrap();
-    let child = fetch_bin()
+    let mut fetch = fetch_bin();
+    // As a terminal's user starts it. Run from a script's background job, the tests would
+    // start fetch with SIGINT ignored, and fetch keeps an ignored signal ignored (on purpose:
+    // such a job must outlive a Ctrl-C in the terminal), so the signal would do nothing.
+    // SAFETY: signal() with SIG_DFL is async-signal-safe, as pre_exec requires.
+    unsafe {
+        fetch.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let child = fetch
         .arg(dir.path().join("urls.txt"))
         .arg("-o")
         .arg(dir.path().join("out"))

@@ -429,7 +429,10 @@ fn serve<S: Read + Write>(mut conn: S, handler: &Handler, stats: &Stats) {
 
         stats.requests.fetch_add(1, Ordering::SeqCst);
         stats.log.lock().unwrap().push(req.clone());
-        let _in_flight = InFlight::enter(stats);
+        // The client may finish the answer, and send its next request, as soon as the last
+        // of it is written: the answer stops counting as in flight just before that write, or
+        // a limit the client keeps would look broken at the server.
+        let mut in_flight = Some(InFlight::enter(stats));
         let rsp = handler(&req);
         if !rsp.delay.is_zero() {
             corokit_common::sleep(rsp.delay);
@@ -438,6 +441,7 @@ fn serve<S: Read + Write>(mut conn: S, handler: &Handler, stats: &Stats) {
             return;
         }
         if let Some(head) = &rsp.raw_head {
+            in_flight.take();
             let _ = conn
                 .write_all(head)
                 .and_then(|_| conn.write_all(&rsp.body))
@@ -459,27 +463,33 @@ fn serve<S: Read + Write>(mut conn: S, handler: &Handler, stats: &Stats) {
             head.push_str("Connection: close\r\n");
         }
         head.push_str("\r\n");
-        if conn.write_all(head.as_bytes()).is_err() {
-            return;
-        }
         let body: &[u8] = if req.method == "HEAD" { &[] } else { &rsp.body };
         let sent = match rsp.fault {
             Fault::None => body,
             Fault::DropAfter(n) | Fault::StallAfter(n, _) => &body[..n.min(body.len())],
             Fault::Close => &[],
         };
+        if rsp.rate.is_none() || sent.is_empty() {
+            in_flight.take();
+        }
+        if conn.write_all(head.as_bytes()).is_err() {
+            return;
+        }
         let written = match rsp.rate {
             None => conn.write_all(sent),
             Some(rate) => {
-                sent.chunks((rate / 10) as usize)
-                    .enumerate()
-                    .try_for_each(|(k, chunk)| {
-                        if k > 0 {
-                            corokit_common::sleep(Duration::from_millis(100));
-                        }
-                        conn.write_all(chunk)?;
-                        conn.flush()
-                    })
+                let chunk = (rate / 10) as usize;
+                let last = sent.len().div_ceil(chunk).saturating_sub(1);
+                sent.chunks(chunk).enumerate().try_for_each(|(k, piece)| {
+                    if k > 0 {
+                        corokit_common::sleep(Duration::from_millis(100));
+                    }
+                    if k == last {
+                        in_flight.take();
+                    }
+                    conn.write_all(piece)?;
+                    conn.flush()
+                })
             }
         };
         if written.and_then(|_| conn.flush()).is_err() {

@@ -911,13 +911,16 @@ fn attempt<'a>(
                     Shown(url)
                 ));
             }
-            let state = State::new(&entry.urls[0], answer.etag, answer.last_modified, length);
+            let mut state = State::new(&entry.urls[0], answer.etag, answer.last_modified, length);
+            state.last_modified_weak = answer
+                .last_modified
+                .zip(header(&rsp, "Date"))
+                .is_some_and(|(lm, date)| resume::within_a_second(lm, date));
             let hashing = Hashing(entry.checksum.as_ref().map(|c| c.algo.hasher()));
             if length.is_some_and(|l| l <= SMALL_BODY) {
                 return receive_small(ctx, entry, claim, rsp, state, hashing, record);
             }
             let split = split_length(ctx, claim, &rsp, &state, length);
-            let mut state = state;
             if split.is_some() {
                 state.ranges = Some(Vec::new());
             }

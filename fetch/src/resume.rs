@@ -43,6 +43,11 @@ pub struct State {
     /// ranges (`[start, end)`) written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ranges: Option<Vec<[u64; 2]>>,
+    /// The Last-Modified was less than a second before the answer's Date: the file may have
+    /// changed again within that second, so the date cannot tell the two apart and is no
+    /// validator (RFC 9110 §8.8.2.2).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub last_modified_weak: bool,
 }
 
 impl State {
@@ -63,6 +68,7 @@ impl State {
             length,
             complete: false,
             ranges: None,
+            last_modified_weak: false,
         }
     }
 
@@ -97,9 +103,24 @@ impl State {
     pub fn validator(&self) -> Option<&str> {
         match (&self.etag, &self.last_modified) {
             (Some(e), _) if !e.starts_with("W/") => Some(e),
-            (None, Some(lm)) => Some(lm),
+            (None, Some(lm)) if !self.last_modified_weak => Some(lm),
             _ => None,
         }
+    }
+}
+
+/// Whether `last_modified` is less than a second before `date` (or after it), as answered
+/// together: then it is a weak validator (RFC 9110 §8.8.2.2). Dates that do not parse say
+/// nothing.
+pub fn within_a_second(last_modified: &str, date: &str) -> bool {
+    match (
+        httpdate::parse_http_date(last_modified),
+        httpdate::parse_http_date(date),
+    ) {
+        (Ok(lm), Ok(date)) => date
+            .duration_since(lm)
+            .map_or(true, |d| d < std::time::Duration::from_secs(1)),
+        _ => false,
     }
 }
 

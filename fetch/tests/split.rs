@@ -110,6 +110,38 @@ fn a_weak_etag_is_never_split_even_beside_a_last_modified() {
     }
 }
 
+/// A Last-Modified less than a second before the answer's Date is no validator either (the
+/// file may change again within that second): such a file comes over one connection.
+#[test]
+fn a_file_changed_within_the_answers_second_is_never_split() {
+    let data = body(2 * MIB, 6);
+    let served = data.clone();
+    let server = Server::start(move |req| {
+        let date = match req.path.as_str() {
+            "/fresh.bin" => LM,
+            _ => "Sun, 22 Nov 2026 02:00:00 GMT",
+        };
+        let mut rsp = Response::file(req, &served, "", LM)
+            .rate(1024 * 1024)
+            .header("Date", date);
+        rsp.headers.retain(|(name, _)| name != "ETag");
+        rsp
+    });
+    for (name, requests) in [("fresh.bin", Some(1)), ("settled.bin", None)] {
+        let dir = tempfile::tempdir().unwrap();
+        let before = server.stats.requests();
+        let list = format!("{}\n", server.url(&format!("/{name}")));
+        let run = run_fetch(dir.path(), &list, &["--split", "4", "-k", "256K"]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        assert!(std::fs::read(out(dir.path(), name)).unwrap() == data);
+        let made = server.stats.requests() - before;
+        match requests {
+            Some(n) => assert_eq!(made, n, "{name}"),
+            None => assert!(made > 1, "{name}: {made} request(s)"),
+        }
+    }
+}
+
 #[test]
 fn split_connections_are_counted_against_per_host() {
     let data = body(MIB, 2);

@@ -15,6 +15,7 @@ fn partial(etag: Option<&str>, lm: Option<&str>, length: Option<u64>) -> State {
         complete: false,
         url_hash: None,
         ranges: None,
+        last_modified_weak: false,
     }
 }
 
@@ -71,6 +72,24 @@ fn plans_from_what_is_on_disk() {
         plan(Some(&done), None, None),
         Plan::Fresh { why: Some(_) }
     ));
+}
+
+#[test]
+fn a_last_modified_within_a_second_of_the_date_is_no_validator() {
+    let lm = "Sun, 22 Nov 2026 01:00:00 GMT";
+    assert!(within_a_second(lm, lm));
+    assert!(within_a_second(lm, "Sun, 22 Nov 2026 00:59:59 GMT"));
+    assert!(!within_a_second(lm, "Sun, 22 Nov 2026 01:00:01 GMT"));
+    assert!(!within_a_second(lm, "not a date"));
+    let mut s = partial(None, Some(lm), Some(100_000));
+    assert_eq!(s.validator(), Some(lm));
+    s.last_modified_weak = true;
+    assert_eq!(s.validator(), None);
+    assert!(matches!(
+        plan(Some(&s), None, Some(50_000)),
+        Plan::Fresh { .. }
+    ));
+    assert_eq!(parse(&encode(&s)), Record::Valid(s.clone()));
 }
 
 #[test]
@@ -357,6 +376,7 @@ fn random_server_answers_never_finish_a_file_that_is_not_one_version() {
                         complete: false,
                         url_hash: None,
                         ranges: None,
+                        last_modified_weak: false,
                     });
                     disk.finish();
                 }

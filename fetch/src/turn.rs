@@ -2,42 +2,32 @@
 //! whichever coroutine or worker thread happens to run first, so which line gets `f.bin` and
 //! which gets `f.1.bin`, or which of two copies of a URL downloads it, never depends on timing.
 //!
-//! A turn is a number and a shared count of the turns passed: a flag to wait on is made only
-//! for a turn that has to wait (most find theirs due), so a queue of thousands of entries
-//! costs no more than their numbers.
+//! Each turn is a [`Flag`] fired by the turn before it: a few words each until somebody has
+//! to wait, so a queue of thousands of entries costs little.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use may::sync::SyncFlag;
-
-#[derive(Default)]
-struct Passed {
-    /// Turns passed so far, in order: the turn with this number is due.
-    count: u64,
-    /// The flag of a turn waiting to come, by its number.
-    waiting: HashMap<u64, Arc<SyncFlag>>,
-}
+use corokit_common::flag::Flag;
 
 /// Hands out turns in order: each one follows the one handed out before it.
 pub(crate) struct Turns {
-    passed: Arc<Mutex<Passed>>,
-    next: u64,
+    last: Arc<Flag>,
 }
 
 impl Turns {
     pub(crate) fn new() -> Turns {
-        Turns {
-            passed: Arc::default(),
-            next: 0,
-        }
+        let first = Arc::new(Flag::new());
+        first.fire();
+        Turns { last: first }
     }
 
     /// The turn after every turn handed out so far.
     pub(crate) fn next(&mut self) -> Turn {
-        self.next += 1;
+        let next = Arc::new(Flag::new());
+        let mine = std::mem::replace(&mut self.last, next.clone());
         Turn {
-            order: Some((self.next - 1, self.passed.clone())),
+            mine,
+            next: Some(next),
         }
     }
 }
@@ -45,57 +35,37 @@ impl Turns {
 /// One entry's turn: it comes when every earlier turn has been passed, and is passed at the
 /// latest when it is dropped (a failure or a panic cannot hold the later entries back).
 pub(crate) struct Turn {
-    /// Its number and the run's count; none once passed, or for an unordered turn.
-    order: Option<(u64, Arc<Mutex<Passed>>)>,
-}
-
-fn lock(passed: &Mutex<Passed>) -> std::sync::MutexGuard<'_, Passed> {
-    passed.lock().unwrap_or_else(|e| e.into_inner())
+    mine: Arc<Flag>,
+    next: Option<Arc<Flag>>,
 }
 
 impl Turn {
     /// A turn that is always due and holds no other back: for an entry with no order to keep.
     pub(crate) fn unordered() -> Turn {
-        Turn { order: None }
+        let due = Flag::new();
+        due.fire();
+        Turn {
+            mine: Arc::new(due),
+            next: None,
+        }
     }
 
     /// Whether every earlier turn has been passed.
     #[cfg(test)]
     fn is_due(&self) -> bool {
-        self.order
-            .as_ref()
-            .is_none_or(|(n, passed)| lock(passed).count >= *n)
+        self.mine.is_fired()
     }
 
     /// Waits until every earlier turn has been passed.
     pub(crate) fn wait(&self) {
-        let Some((n, passed)) = &self.order else {
-            return;
-        };
-        let flag = {
-            let mut p = lock(passed);
-            if p.count >= *n {
-                return;
-            }
-            p.waiting.entry(*n).or_default().clone()
-        };
-        flag.wait();
+        self.mine.wait();
     }
 
     /// Lets the next turn come (once this one has); passing twice is passing once.
     pub(crate) fn pass(&mut self) {
-        self.wait();
-        let Some((n, passed)) = self.order.take() else {
-            return;
-        };
-        let next = {
-            let mut p = lock(&passed);
-            p.count = n + 1;
-            p.waiting.remove(&(n + 1))
-        };
-        // Woken with the lock let go: the woken turn takes it at once.
-        if let Some(flag) = next {
-            flag.fire();
+        if let Some(next) = self.next.take() {
+            self.mine.wait();
+            next.fire();
         }
     }
 }

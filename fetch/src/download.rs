@@ -911,11 +911,8 @@ fn attempt<'a>(
                     Shown(url)
                 ));
             }
-            let mut state = State::new(&entry.urls[0], answer.etag, answer.last_modified, length);
-            state.last_modified_weak = answer
-                .last_modified
-                .zip(header(&rsp, "Date"))
-                .is_some_and(|(lm, date)| resume::within_a_second(lm, date));
+            let validators = (answer.etag, answer.last_modified, header(&rsp, "Date"));
+            let mut state = State::new(&entry.urls[0], validators, length);
             let hashing = Hashing(entry.checksum.as_ref().map(|c| c.algo.hasher()));
             if length.is_some_and(|l| l <= SMALL_BODY) {
                 return receive_small(ctx, entry, claim, rsp, state, hashing, record);

@@ -51,11 +51,11 @@ pub struct State {
 }
 
 impl State {
-    /// The state of a new download of `url`, whose answer gave these validators and length.
+    /// The state of a new download of `url`, whose answer gave these validators, this `Date`
+    /// and length.
     pub fn new(
         url: &str,
-        etag: Option<&str>,
-        last_modified: Option<&str>,
+        (etag, last_modified, date): (Option<&str>, Option<&str>, Option<&str>),
         length: Option<u64>,
     ) -> State {
         let kept = |v: Option<&str>| v.filter(|v| v.len() <= MAX_STORED).map(str::to_string);
@@ -68,7 +68,9 @@ impl State {
             length,
             complete: false,
             ranges: None,
-            last_modified_weak: false,
+            last_modified_weak: last_modified
+                .zip(date)
+                .is_some_and(|(lm, date)| within_a_second(lm, date)),
         }
     }
 

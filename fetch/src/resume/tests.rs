@@ -90,6 +90,14 @@ fn a_last_modified_within_a_second_of_the_date_is_no_validator() {
         Plan::Fresh { .. }
     ));
     assert_eq!(parse(&encode(&s)), Record::Valid(s.clone()));
+    // A new download's state knows it from its answer's Date.
+    let fresh = State::new("http://h/f", (None, Some(lm), Some(lm)), None);
+    assert_eq!(fresh.validator(), None);
+    let settled = (None, Some(lm), Some("Sun, 22 Nov 2026 02:00:00 GMT"));
+    assert_eq!(
+        State::new("http://h/f", settled, None).validator(),
+        Some(lm)
+    );
 }
 
 #[test]

@@ -84,18 +84,22 @@ fn keep_alive_connections_are_reused() {
     );
 }
 
+/// Options that trust `cert`, given as a CA file in `dir`, as `--ca-cert` gives it.
+fn trusting(cert: &TestCert, dir: &std::path::Path) -> HttpOptions {
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &cert.cert_pem).unwrap();
+    let mut options = HttpOptions::default();
+    options.add_roots_from_pem_file(&ca).unwrap();
+    options
+}
+
 #[test]
 fn https_with_a_test_ca_in_a_coroutine() {
     one_worker();
     let cert = TestCert::new();
     let server = Server::start_tls(&cert, |_| Response::ok("secure hello"));
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, &cert.cert_pem).unwrap();
-
-    let mut trusting = HttpOptions::default();
-    trusting.add_roots_from_pem_file(&ca).unwrap();
-    let trusting = trusting.agent();
+    let trusting = trusting(&cert, dir.path()).agent();
     let untrusting = HttpOptions::default().agent();
     let url = server.url("/");
     let localhost_url = url.replace("127.0.0.1", "localhost");
@@ -128,11 +132,7 @@ fn agents_made_together_resume_each_others_tls_sessions() {
     let cert = TestCert::new();
     let server = Server::start_tls(&cert, |_| Response::ok("hello"));
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, &cert.cert_pem).unwrap();
-    let mut options = HttpOptions::default();
-    options.add_roots_from_pem_file(&ca).unwrap();
-    let agents = options.agents(3);
+    let agents = trusting(&cert, dir.path()).agents(3);
     let url = server.url("/");
     let answers = spawn(move || {
         agents

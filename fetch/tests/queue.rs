@@ -171,6 +171,15 @@ fn queue(redis: &RedisServer, name: &str) -> Command {
     cmd
 }
 
+/// `fetch --enqueue LIST` into queue `name`, run to its end.
+fn enqueue(redis: &RedisServer, name: &str, list: &Path) -> std::process::Output {
+    queue(redis, name)
+        .arg("--enqueue")
+        .arg(list)
+        .output()
+        .unwrap()
+}
+
 fn worker(redis: &RedisServer, name: &str, out: &Path, extra: &[&str]) -> Child {
     queue(redis, name)
         .arg("-o")
@@ -258,11 +267,7 @@ fn three_workers_one_killed_lose_nothing_and_record_each_entry_once() {
     );
     std::fs::write(&list, text).unwrap();
     let entries = n as i64 + 50;
-    let out = queue(&redis, "crawl")
-        .arg("--enqueue")
-        .arg(&list)
-        .output()
-        .unwrap();
+    let out = enqueue(&redis, "crawl", &list);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let shared = dir.path().join("out");
     let args = ["-j", "4", "--claim-after", "1"];
@@ -308,11 +313,7 @@ fn three_workers_one_killed_lose_nothing_and_record_each_entry_once() {
         Some("0")
     );
     // Enqueueing the same list again adds nothing: it is continued, and it was whole.
-    let again = queue(&redis, "crawl")
-        .arg("--enqueue")
-        .arg(&list)
-        .output()
-        .unwrap();
+    let again = enqueue(&redis, "crawl", &list);
     let said = String::from_utf8_lossy(&again.stdout);
     assert!(
         said.contains("0 entries added") && said.contains("350 added before"),
@@ -408,11 +409,7 @@ fn a_worker_carries_on_when_redis_restarts() {
     let server = files_server();
     let n = 120;
     let list = list_of(dir.path(), &server, n);
-    let added = queue(&redis, "r")
-        .arg("--enqueue")
-        .arg(&list)
-        .output()
-        .unwrap();
+    let added = enqueue(&redis, "r", &list);
     assert_eq!(
         added.status.code(),
         Some(0),
@@ -507,11 +504,7 @@ fn two_workers_given_one_url_at_once_leave_one_whole_file() {
     let list = dir.path().join("urls.txt");
     let url = server.url("/big.bin");
     std::fs::write(&list, format!("{url}\n{url}\n")).unwrap();
-    let added = queue(&redis, "two")
-        .arg("--enqueue")
-        .arg(&list)
-        .output()
-        .unwrap();
+    let added = enqueue(&redis, "two", &list);
     assert_eq!(added.status.code(), Some(0));
     let shared = dir.path().join("out");
     let workers: Vec<Child> = (0..2)
@@ -538,11 +531,7 @@ fn a_live_worker_never_takes_back_an_entry_another_claimed_and_stops_on_sigterm_
     });
     let list = dir.path().join("urls.txt");
     std::fs::write(&list, format!("{}\n", server.url("/slow.bin"))).unwrap();
-    let added = queue(&redis, "s")
-        .arg("--enqueue")
-        .arg(&list)
-        .output()
-        .unwrap();
+    let added = enqueue(&redis, "s", &list);
     assert_eq!(added.status.code(), Some(0));
     let w = worker(
         &redis,
@@ -604,17 +593,10 @@ fn an_enqueue_goes_on_from_where_it_stopped_only_with_the_same_list() {
     let list = dir.path().join("urls.txt");
     let url = |i: usize| format!("http://127.0.0.1:9/f/{i}.bin\n");
     std::fs::write(&list, (0..3).map(url).collect::<String>()).unwrap();
-    let enqueue = || {
-        queue(&redis, "e")
-            .arg("--enqueue")
-            .arg(&list)
-            .output()
-            .unwrap()
-    };
-    assert_eq!(enqueue().status.code(), Some(0));
+    assert_eq!(enqueue(&redis, "e", &list).status.code(), Some(0));
     // The same list grown by a line: only that line is added.
     std::fs::write(&list, (0..4).map(url).collect::<String>()).unwrap();
-    let o = enqueue();
+    let o = enqueue(&redis, "e", &list);
     let said = String::from_utf8_lossy(&o.stdout);
     assert!(
         said.contains("1 entries added") && said.contains("3 added before"),
@@ -623,7 +605,7 @@ fn an_enqueue_goes_on_from_where_it_stopped_only_with_the_same_list() {
     assert_eq!(redis.int(&["XLEN", "fetch:{e}:jobs"]), 4);
     // A list edited in what was added already: refused, nothing added.
     std::fs::write(&list, [url(0), url(9), url(2), url(3), url(4)].concat()).unwrap();
-    let o = enqueue();
+    let o = enqueue(&redis, "e", &list);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
@@ -689,11 +671,7 @@ fn an_entry_waiting_for_another_workers_file_holds_no_other_back() {
     let redis = RedisServer::start(false);
     let server = files_server();
     let list = list_of(dir.path(), &server, 2);
-    let added = queue(&redis, "held")
-        .arg("--enqueue")
-        .arg(&list)
-        .output()
-        .unwrap();
+    let added = enqueue(&redis, "held", &list);
     assert_eq!(added.status.code(), Some(0));
     // Another worker is writing the first entry's file (its lock, as fetch names it: the
     // queue, then a hash of dir, out and URL).

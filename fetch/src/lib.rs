@@ -367,7 +367,7 @@ impl Hooks for NoHooks {
 /// `jobs` download coroutines taking entries from a queue bounded to `jobs` places, so
 /// whoever gives entries goes only as fast as they are taken.
 pub(crate) struct Pool {
-    // may's channels are unbounded: a semaphore of free places bounds the queue.
+    // may's channels are unbounded: its free places bound the queue.
     free: Arc<Places>,
     /// The turns of a list's lines, handed out as they are queued.
     turns: turn::Turns,
